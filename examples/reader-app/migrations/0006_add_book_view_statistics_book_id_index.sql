@@ -1,0 +1,1 @@
+CREATE INDEX "book_view_statistics_book_id_idx" ON "book_view_statistics" USING btree ("book_id");
