@@ -1,0 +1,123 @@
+"""Running playbooks through ansible-runner with slipway's inventories and settings."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import SlipwayError
+from .paths import INVENTORY, PLAYBOOKS, ROOT
+from .paths import import_module_utils
+from .sandbox import Controller
+
+import_module_utils()
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text  # noqa: E402
+
+_FAILED_EVENTS = {"runner_on_failed", "runner_on_unreachable"}
+
+
+_IGNORED = (".md", ".txt", ".rst", ".example", ".orig", ".bak", "~")
+
+
+def inventories() -> list[str]:
+    """The user's inventory dir (when it holds an inventory file), plus the sandbox's generated
+    inventory when a sandbox is up."""
+    sources = []
+    if any(p.is_file() and not p.name.endswith(_IGNORED) for p in INVENTORY.glob("*")):
+        sources.append(str(INVENTORY))
+    ctl = Controller()
+    if ctl.inventory_file.exists():
+        sources.append(str(ctl.inventory_dir))
+    return sources
+
+
+def env_for_ansible() -> dict:
+    # ansible-playbook from the same venv as this interpreter, whether or not it is activated
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if bindir not in path.split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + path
+    env = {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
+    ctl = Controller()
+    if "ANSIBLE_VAULT_PASSWORD_FILE" not in os.environ and ctl.vault_password_file.exists():
+        env["ANSIBLE_VAULT_PASSWORD_FILE"] = str(ctl.vault_password_file)
+    os.makedirs("/tmp/slipway-cp", mode=0o700, exist_ok=True)
+    return env
+
+
+def run_playbook(playbook: str, target: str, extravars: dict | None = None, progress=None) -> dict:
+    """Run ``playbooks/<playbook>`` against ``target`` (a host or group); returns a result dict with
+    ``rc``, ``status``, ``stats`` (set_stats data), ``failures`` (host, task, msg) and per-host counts.
+
+    ``progress``: a callable given one line per task start, for the CLI's progress output."""
+    import ansible_runner
+
+    path = PLAYBOOKS / playbook
+    if not path.exists():
+        raise SlipwayError(f"playbook {path} not found; run from a complete slipway checkout")
+    failures: list[dict] = []
+    final: dict = {}
+
+    def on_event(event: dict) -> bool:
+        data = event.get("event_data", {})
+        kind = event.get("event")
+        if kind == "playbook_on_stats":
+            final.update(data.get("artifact_data") or {})
+        elif kind == "playbook_on_task_start" and progress:
+            progress(data.get("task", ""))
+        elif kind in _FAILED_EVENTS and not data.get("ignore_errors"):
+            res = data.get("res", {}) or {}
+            msg = res.get("msg") or res.get("stderr") or ("unreachable" if kind == "runner_on_unreachable" else "failed")
+            lines = redact_text(str(msg)).strip().splitlines()
+            failures.append({"host": data.get("host"), "task": data.get("task"), "msg": lines[-1:] or [""]})
+        return False  # keep no events on disk beyond what ansible-runner needs
+
+    private = Path(tempfile.mkdtemp(prefix="slipway-runner-"))
+    try:
+        result = ansible_runner.run(
+            private_data_dir=str(private),
+            playbook=str(path),
+            inventory=inventories(),
+            extravars={"slipway_target": target, **(extravars or {})},
+            envvars=env_for_ansible(),
+            cmdline=f"--limit {target}",
+            quiet=True,
+            event_handler=on_event,
+            suppress_env_files=True,
+        )
+        stats = result.stats or {}
+        rc = result.rc
+        if rc != 0 and not failures and not stats.get("ok"):
+            tail = redact_text(result.stdout.read() if hasattr(result.stdout, "read") else "").strip().splitlines()[-3:]
+            failures.append({"host": target, "task": None, "msg": tail})
+        return {
+            "rc": rc,
+            "status": result.status,
+            "counts": {k: v for k, v in stats.items() if isinstance(v, dict)},
+            "data": final,
+            "failures": [{**f, "msg": " ".join(f["msg"])} for f in failures],
+        }
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def resolve_target(target: str) -> list[str]:
+    """Hosts that ``target`` (host or group) names in the inventories, or a one-line error."""
+    from ansible.inventory.manager import InventoryManager
+    from ansible.parsing.dataloader import DataLoader
+
+    os.environ.setdefault("ANSIBLE_CONFIG", str(ROOT / "ansible.cfg"))
+    os.environ["ANSIBLE_HOST_PATTERN_MISMATCH"] = "ignore"
+    sources = inventories()
+    if not sources:
+        raise SlipwayError(f"no inventory: add inventory/<env>.yml (see examples/inventory/prod.yml) or run `invoke sandbox.up`")
+    manager = InventoryManager(loader=DataLoader(), sources=sources)
+    hosts = [h.name for h in manager.get_hosts(pattern=target)] if target else []
+    if not hosts:
+        groups = sorted(g for g in manager.groups if g not in ("all", "ungrouped"))
+        names = sorted(manager.hosts)
+        hint = "run `invoke sandbox.up` for the sandbox, or add it to inventory/" if not names else f"hosts: {', '.join(names)}; groups: {', '.join(groups)}"
+        raise SlipwayError(f"no host or group named {target!r} in the inventory ({hint})")
+    return hosts
