@@ -1,0 +1,64 @@
+"""Fixtures: real sandbox hosts (own users, sshd, PostgreSQL 15, PM2) started through the CLI.
+
+The suite uses sandbox instance 1 (users sw1-*, addresses 127.0.0.31+, .sandbox-1/), so it
+never touches a demo sandbox (instance 0) that may be up on the same machine.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["SLIPWAY_SANDBOX_INSTANCE"] = "1"
+os.environ.pop("SLIPWAY_SANDBOX_DIR", None)
+sys.path.insert(0, str(ROOT))
+
+from slipway import sandbox as sb  # noqa: E402
+
+INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
+
+
+def cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `invoke <args>` as a user would; returns the process with text stdout/stderr."""
+    proc = subprocess.run(
+        [*INVOKE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=os.environ.copy()
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"invoke {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def host_env(name: str) -> dict:
+    """APP_URL / API_TOKEN / DATABASE_URL of a host, parsed from `invoke sandbox.env` like `eval` would."""
+    out = cli("sandbox.env", "--host", name).stdout
+    values = {}
+    for line in out.splitlines():
+        assert line.startswith("export "), line
+        key, _, value = line[len("export "):].partition("=")
+        values[key] = shlex.split(value)[0]
+    return values
+
+
+class Outputs:
+    """Every stdout/stderr the suite's CLI calls produced, for the secret scan."""
+
+    texts: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def sandbox2():
+    """Two hosts in the incident state; torn down at the end of the session."""
+    if os.geteuid() != 0:
+        pytest.fail("the integration tests need root: they create users, sshd and PostgreSQL clusters")
+    cli("sandbox.down")
+    proc = cli("sandbox.up", "--hosts", "2", "--state", "incident")
+    Outputs.texts += [proc.stdout, proc.stderr]
+    hosts = {h.name: h for h in sb.hosts_in_record()}
+    envs = {name: host_env(name) for name in hosts}
+    yield {"hosts": hosts, "env": envs, "up": proc}
+    cli("sandbox.down")
