@@ -101,8 +101,13 @@ def demo(c):
     status, body = sb.http_json("POST", url, {"viewType": "card_view"}, token=creds["slipway_api_token"])
     print(f"   HTTP {status} {jsonlib.dumps(body)}")
     print("\n== 3. what the runbook found")
-    lines = [l for l in host.pg_log.read_text(errors="replace").splitlines() if "42P10" in l]
-    print(f"   PostgreSQL log ({host.pg_log}):\n     {lines[-1] if lines else '(no 42P10 line)'}")
+    try:
+        line = sb.wait_for_line(host.pg_log, " 42P10 booksuser@booksdb ERROR:", timeout=10)
+    except SlipwayError:
+        line = "(no 42P10 line)"
+    print(f"   PostgreSQL log ({host.pg_log}):\n     {line}")
+    err_line = sb.wait_for_line(host.app_dir / "logs" / "err.log", "Error tracking book view", timeout=10)
+    print(f"   app err.log: {err_line}")
     with psycopg.connect(host=host.address, port=sb.PG_PORT, dbname=sb.DB_NAME, user=sb.DB_USER,
                          password=creds["slipway_db_password"]) as conn:
         applied = conn.execute("SELECT count(*) FROM drizzle.__drizzle_migrations").fetchone()[0]

@@ -274,6 +274,20 @@ def wait_port(address: str, port: int, timeout: float = 20.0) -> None:
     raise SlipwayError(f"nothing listens on {address}:{port} after {timeout:.0f}s; see the host's logs")
 
 
+def wait_for_line(path: Path, needle: str, timeout: float = 15.0) -> str:
+    """The last line of ``path`` holding ``needle``, waiting for it: PM2 and PostgreSQL's logging
+    collector write asynchronously. Raises SlipwayError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        lines = [line for line in text.splitlines() if needle in line]
+        if lines:
+            return lines[-1]
+        if time.monotonic() > deadline:
+            raise SlipwayError(f"no line with {needle!r} in {path} after {timeout:.0f}s")
+        time.sleep(0.1)
+
+
 def http_json(method: str, url: str, body: dict | None = None, token: str | None = None, timeout=5.0):
     """(status, parsed JSON or text) of one request; no secret is ever printed by this helper."""
     data = json.dumps(body).encode() if body is not None else None

@@ -11,6 +11,7 @@ import os
 import pwd
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import psycopg
@@ -60,12 +61,10 @@ def test_incident_endpoint_returns_exact_500_and_postgres_logs_42p10(sandbox2):
         env = sandbox2["env"][name]
         status, body = track(env, sb.INCIDENT_BOOK)
         assert (status, body) == (500, INCIDENT_BODY), name
-        pg_log = host.pg_log.read_text()
-        lines = [line for line in pg_log.splitlines() if " 42P10 " in line and "ERROR:" in line]
-        assert lines, f"{name}: no 42P10 ERROR line in {host.pg_log}"
-        assert "there is no unique or exclusion constraint matching the ON CONFLICT specification" in lines[-1]
-        err_log = (host.app_dir / "logs" / "err.log").read_text()
-        assert "code 42P10" in err_log
+        line = sb.wait_for_line(host.pg_log, " 42P10 booksuser@booksdb ERROR:")
+        assert "there is no unique or exclusion constraint matching the ON CONFLICT specification" in line
+        line = sb.wait_for_line(host.app_dir / "logs" / "err.log", "Error tracking book view")
+        assert line.endswith("(code 42P10)")
         assert (host.app_dir / "logs" / "out.log").exists() and (host.app_dir / "logs" / "combined.log").exists()
 
 
@@ -340,7 +339,7 @@ def test_down_leaves_no_process_user_or_file(sandbox2):
         for _ in range(100):
             if any("sleep" in Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in uid_pids(uids[0]) if Path(f"/proc/{p}").exists()):
                 break
-            __import__("time").sleep(0.05)
+            time.sleep(0.05)
         pm2_pids = [sb.read_pid(h.pm2_home / "pm2.pid") for h in hosts]
         proc = cli("sandbox.down")
         Outputs.texts += [proc.stdout, proc.stderr]
