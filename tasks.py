@@ -78,7 +78,8 @@ def ping(c, host, json=False):
             app = info["pm2"]
             print(f"{name:<14} reachable  pm2 {app['online']}/{app['instances']} online  current -> {info['current']}")
         for failure in result["failures"]:
-            print(f"{failure['host']:<14} FAILED     {failure['task']}: {failure['msg']}")
+            where = f"{failure['task']}: " if failure["task"] else ""
+            print(f"{failure['host']:<14} FAILED     {where}{failure['msg']}")
     if result["rc"] != 0:
         raise Exit(code=1)
 

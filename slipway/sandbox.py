@@ -47,6 +47,7 @@ from . import vault
 
 import_module_utils()
 from ansible_collections.slipway.core.plugins.module_utils.pm2 import app_summary, daemon_pid, summarize_jlist  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text  # noqa: E402
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SSHD = "/usr/sbin/sshd"
@@ -122,6 +123,14 @@ def hosts_base() -> Path:
 
 def host_name(index: int) -> str:
     return "sandbox" if index == 1 else f"sandbox-{index}"
+
+
+def host_index(name: str) -> int | None:
+    """Inverse of host_name; None for a name the sandbox does not make."""
+    if name == "sandbox":
+        return 1
+    suffix = name[len("sandbox-"):] if name.startswith("sandbox-") else ""
+    return int(suffix) if suffix.isdigit() and 2 <= int(suffix) <= MAX_HOSTS else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -940,6 +949,9 @@ def up(count: int = 1, state: str = "incident") -> list[Host]:
                 results[name] = fut.result()
             except SlipwayError as exc:
                 errors.append(str(exc))
+            except Exception as exc:  # psycopg, OS errors: still one line, never a traceback
+                errors.append(f"{name}: {type(exc).__name__}: {redact_text(str(exc)).splitlines()[0] if str(exc) else ''}; "
+                              "fix the cause, then `invoke sandbox.down` and `invoke sandbox.up` again")
     if errors:
         raise SlipwayError(errors[0])
     record["state"] = state
@@ -959,18 +971,12 @@ def down() -> None:
     record = ctl.load_state()
     started = time.monotonic()
     indexes = {int(v["index"]) for v in record.get("hosts", {}).values()}
-    # also anything a half-finished `up` left: users recorded, users whose home is ours, host dirs
+    # also what a half-finished `up` left: users whose home is ours, host dirs
     base = hosts_base()
-    for entry in pwd.getpwall():
-        if entry.pw_dir.startswith(str(base) + "/"):
-            name = Path(entry.pw_dir).parent.name
-            indexes.add(1 if name == "sandbox" else int(name.rsplit("-", 1)[1]) if name.rsplit("-", 1)[-1].isdigit() else 1)
+    names = {Path(e.pw_dir).parent.name for e in pwd.getpwall() if e.pw_dir.startswith(f"{base}/")}
     if base.exists():
-        for child in base.iterdir():
-            if child.name == "sandbox":
-                indexes.add(1)
-            elif child.name.startswith("sandbox-") and child.name[8:].isdigit():
-                indexes.add(int(child.name[8:]))
+        names |= {child.name for child in base.iterdir()}
+    indexes |= {i for i in map(host_index, names) if i is not None}
     for index in sorted(indexes):
         host = Host.make(index)
         down_host(host)
