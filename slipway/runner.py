@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -43,8 +44,14 @@ def env_for_ansible() -> dict:
     ctl = Controller()
     if "ANSIBLE_VAULT_PASSWORD_FILE" not in os.environ and ctl.vault_password_file.exists():
         env["ANSIBLE_VAULT_PASSWORD_FILE"] = str(ctl.vault_password_file)
-    os.makedirs("/tmp/slipway-cp", mode=0o700, exist_ok=True)
     return env
+
+
+def close_ssh_masters(control_dir: Path) -> None:
+    """End the ControlPersist masters of one run (`ssh -O exit`), so no ssh process outlives it."""
+    for sock in control_dir.iterdir() if control_dir.exists() else []:
+        subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "slipway-master"],
+                       capture_output=True, timeout=10, check=False)
 
 
 def run_playbook(playbook: str, target: str, extravars: dict | None = None, progress=None) -> dict:
@@ -75,13 +82,17 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
         return False  # keep no events on disk beyond what ansible-runner needs
 
     private = Path(tempfile.mkdtemp(prefix="slipway-runner-"))
+    # one ControlPersist dir per run (short path: unix sockets are limited to ~104 bytes);
+    # its masters are closed when the run ends
+    control_dir = Path(tempfile.mkdtemp(prefix="slipway-cp-", dir="/tmp"))
+    envvars = {**env_for_ansible(), "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir)}
     try:
         result = ansible_runner.run(
             private_data_dir=str(private),
             playbook=str(path),
             inventory=inventories(),
             extravars={"slipway_target": target, **(extravars or {})},
-            envvars=env_for_ansible(),
+            envvars=envvars,
             cmdline=f"--limit {target}",
             quiet=True,
             event_handler=on_event,
@@ -100,6 +111,8 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
             "failures": [{**f, "msg": " ".join(f["msg"])} for f in failures],
         }
     finally:
+        close_ssh_masters(control_dir)
+        shutil.rmtree(control_dir, ignore_errors=True)
         shutil.rmtree(private, ignore_errors=True)
 
 

@@ -181,6 +181,27 @@ def test_ansible_reaches_hosts_through_the_collection_module(sandbox2):
         assert info["current"] == str((host.app_dir / "current").resolve())
 
 
+def test_ansible_refuses_a_host_whose_key_does_not_match_known_hosts(sandbox2, tmp_path):
+    ctl = sb.Controller()
+    original = ctl.known_hosts.read_text()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "impostor")], check=True)
+    impostor = " ".join((tmp_path / "impostor.pub").read_text().split()[:2])
+    host = sandbox2["hosts"]["sandbox"]
+    lines = [f"[{host.address}]:{sb.SSH_PORT} {impostor}" if line.startswith(f"[{host.address}]:") else line
+             for line in original.splitlines()]
+    try:
+        ctl.known_hosts.write_text("\n".join(lines) + "\n")
+        proc = cli("ping", "--host", "sandboxes", "--json", check=False)
+    finally:
+        ctl.known_hosts.write_text(original)
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    assert [f["host"] for f in doc["failures"]] == ["sandbox"]
+    assert "Host key verification failed" in doc["failures"][0]["msg"]
+    assert list(doc["hosts"]) == ["sandbox-2"]  # the other host, with its right key, was read
+    assert cli("ping", "--host", "sandbox").returncode == 0
+
+
 def test_up_is_idempotent(sandbox2):
     before = {
         h.name: (sb.read_pid(h.pgdata / "postmaster.pid"), sb.read_pid(h.sshd_dir / "sshd.pid"),
