@@ -631,7 +631,9 @@ def ensure_postgres(host: Host, user: pwd.struct_passwd, password: str) -> None:
     assert all(c.isalnum() or c in "-_" for c in password)  # token_urlsafe: safe inside a literal
     exists = psql_admin(host, f"SELECT 1 FROM pg_roles WHERE rolname = '{DB_USER}'")
     verb = "ALTER" if exists == "1" else "CREATE"
-    psql_admin(host, f"SET log_statement = 'none';\n{verb} ROLE {DB_USER} LOGIN PASSWORD '{password}';")
+    # the password must not reach the server log, not even as the text of a failed statement
+    psql_admin(host, f"SET log_statement = 'none';\nSET log_min_error_statement = 'panic';\n"
+                     f"{verb} ROLE {DB_USER} LOGIN PASSWORD '{password}';")
     if psql_admin(host, f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'") != "1":
         psql_admin(host, f"CREATE DATABASE {DB_NAME} OWNER {DB_USER};")
         log(host.name, f"database {DB_NAME} created")

@@ -251,6 +251,13 @@ def test_secrets_stay_out_of_files_output_and_process_lists(sandbox2):
             assert token not in text and password not in text, path
         for text in Outputs.texts:
             assert token not in text and password not in text
+        host = sandbox2["hosts"][name]
+        logs = [host.pg_log, host.sshd_dir / "sshd.log", host.pm2_home / "pm2.log",
+                *(host.app_dir / "logs").glob("*.log")]
+        assert len(logs) >= 6
+        for path in logs:
+            text = path.read_text(errors="replace")
+            assert token not in text and password not in text, f"secret in {path}"
         for pid, _, _ in sb.processes():
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
