@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import json as jsonlib
-import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -142,7 +142,7 @@ def test(c, k="", x=False):
         args += ["-k", k]
     if x:
         args.append("-x")
-    c.run(f"{VENV_BIN / 'python'} -m pytest {' '.join(repr(a) if ' ' in a else a for a in args)} tests", pty=False)
+    c.run(shlex.join([str(VENV_BIN / "python"), "-m", "pytest", *args, "tests"]), pty=False)
 
 
 sandbox = Collection("sandbox")
