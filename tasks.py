@@ -116,7 +116,7 @@ def demo(c):
         dups = conn.execute(
             "SELECT count(*) FROM (SELECT 1 FROM book_view_statistics GROUP BY book_id, view_type HAVING count(*) > 1) d"
         ).fetchone()[0]
-    journal = jsonlib.loads((host.app_dir / "current" / "migrations" / "meta" / "_journal.json").read_text())["entries"]
+    journal = sb.journal_entries()
     print(f"   drizzle.__drizzle_migrations: {applied} rows; the journal has {len(journal)} migrations")
     print(f"   constraint {sb.UNIQUE_CONSTRAINT}: {'present' if has else 'MISSING'}")
     print(f"   duplicate (book_id, view_type) groups that block it: {dups}")

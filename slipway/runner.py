@@ -125,7 +125,7 @@ def resolve_target(target: str) -> list[str]:
     os.environ["ANSIBLE_HOST_PATTERN_MISMATCH"] = "ignore"
     sources = inventories()
     if not sources:
-        raise SlipwayError(f"no inventory: add inventory/<env>.yml (see examples/inventory/prod.yml) or run `invoke sandbox.up`")
+        raise SlipwayError("no inventory: add inventory/<env>.yml (see examples/inventory/prod.yml) or run `invoke sandbox.up`")
     manager = InventoryManager(loader=DataLoader(), sources=sources)
     hosts = [h.name for h in manager.get_hosts(pattern=target)] if target else []
     if not hosts:

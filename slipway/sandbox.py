@@ -31,7 +31,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -194,8 +193,8 @@ def run(cmd, *, check=True, input=None, env=None, cwd=None, timeout=120, user=No
             text=True,
             **kwargs,
         )
-    except subprocess.TimeoutExpired as exc:
-        raise SlipwayError(f"{Path(str(cmd[0])).name} timed out after {timeout}s; see the host's logs")
+    except subprocess.TimeoutExpired:
+        raise SlipwayError(f"{Path(str(cmd[0])).name} timed out after {timeout}s; see the host's logs") from None
     if check and proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise SlipwayError(f"{' '.join(str(c) for c in cmd[:3])} failed (exit {proc.returncode}): {detail[-1] if detail else 'no output'}")
@@ -710,6 +709,11 @@ def user_env(host: Host, user: pwd.struct_passwd, **extra) -> dict:
     return env
 
 
+def journal_entries() -> list[dict]:
+    """The reference app's drizzle journal entries, in order."""
+    return json.loads((READER_APP / "migrations" / "meta" / "_journal.json").read_text())["entries"]
+
+
 def db_state(host: Host, password: str) -> str:
     """'empty', 'incident', 'healthy' or 'other', from the live database."""
     import psycopg
@@ -720,7 +724,7 @@ def db_state(host: Host, password: str) -> str:
             return "empty"
         rows = conn.execute("SELECT count(*) FROM drizzle.__drizzle_migrations").fetchone()[0]
         has_unique = conn.execute("SELECT count(*) FROM pg_constraint WHERE conname = %s", (UNIQUE_CONSTRAINT,)).fetchone()[0]
-        total = len(json.loads((READER_APP / "migrations" / "meta" / "_journal.json").read_text())["entries"])
+    total = len(journal_entries())
     if rows == total and has_unique:
         return "healthy"
     if rows == total - 1 and not has_unique:
@@ -775,7 +779,7 @@ def ensure_database_state(host: Host, user: pwd.struct_passwd, password: str, wa
     have = db_state(host, password)
     if have == want:
         return False
-    total = len(json.loads((READER_APP / "migrations" / "meta" / "_journal.json").read_text())["entries"])
+    total = len(journal_entries())
     if have == "incident" and want == "healthy":
         drizzle_migrate(host, user, password, None)
         log(host.name, "database moved to healthy state (0007 applied by drizzle's migrator)")
@@ -802,7 +806,7 @@ def pm2_app_state(host: Host, user: pwd.struct_passwd) -> dict:
     return app_summary(summarize_jlist(pm2(host, user, "jlist").stdout), APP_NAME)
 
 
-def ensure_app(host: Host, user: pwd.struct_passwd, release_changed: bool, token: str) -> bool:
+def ensure_app(host: Host, user: pwd.struct_passwd, release_changed: bool) -> bool:
     state = pm2_app_state(host, user)
     current = host.app_dir / "current"
     changed = False
@@ -838,7 +842,7 @@ def up_host(host: Host, user: pwd.struct_passwd, ctl: Controller, rid: str, buil
     ensure_postgres(host, user, creds["slipway_db_password"])
     release_changed = ensure_release(host, user, rid, build, creds)
     db_changed = ensure_database_state(host, user, creds["slipway_db_password"], want)
-    app_changed = ensure_app(host, user, release_changed, creds["slipway_api_token"])
+    app_changed = ensure_app(host, user, release_changed)
     return release_changed or db_changed or app_changed
 
 
@@ -902,7 +906,7 @@ def write_inventory(hosts: list[Host], ctl: Controller) -> None:
     header = "# written by `invoke sandbox.up`; secrets are in host_vars/<host>/vault.yml (ansible-vault)\n"
     write_private(ctl.inventory_file, header + yaml.safe_dump(inventory, sort_keys=False), 0o600)
     known = []
-    ssh_config = [f"# written by `invoke sandbox.up`\n"]
+    ssh_config = ["# written by `invoke sandbox.up`\n"]
     for h in hosts:
         kind, key = (h.sshd_dir / "ssh_host_ed25519_key.pub").read_text().split()[:2]
         known.append(f"[{h.address}]:{SSH_PORT} {kind} {key}")

@@ -13,19 +13,16 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 
-from conftest import ROOT, Outputs, cli, sb
+from conftest import ROOT, Outputs, cli, host_env, sb
 
 MIGRATIONS = ROOT / "examples" / "reader-app" / "migrations"
 INCIDENT_BODY = {"error": "Failed to track book view"}
 FRESH_BOOK = "c4d5e6f7-0819-4a2b-bc3d-4e5f60718293"  # seeded, with no statistics rows
-
-
-def journal():
-    return json.loads((MIGRATIONS / "meta" / "_journal.json").read_text())["entries"]
 
 
 def track(env, book, view_type="card_view", token=None):
@@ -69,7 +66,7 @@ def test_incident_endpoint_returns_exact_500_and_postgres_logs_42p10(sandbox2):
 
 
 def test_incident_database_matches_drizzle_history_without_0007(sandbox2):
-    entries = journal()
+    entries = sb.journal_entries()
     assert entries[-1]["tag"] == "0007_add_unique_constraint_book_view_statistics"
     for name in sandbox2["hosts"]:
         with connect(sandbox2["env"][name]) as conn:
@@ -240,7 +237,7 @@ def test_secrets_stay_out_of_files_output_and_process_lists(sandbox2):
     assert oct(ctl.dir.stat().st_mode & 0o777) == "0o700"
     for name, env in sandbox2["env"].items():
         token = env["API_TOKEN"]
-        password = env["DATABASE_URL"].split(":")[2].split("@")[0]
+        password = urlsplit(env["DATABASE_URL"]).password
         assert len(token) >= 32 and len(password) >= 24
         vault_file = ctl.vault_file(name)
         assert vault_file.read_text().startswith("$ANSIBLE_VAULT;")
@@ -281,7 +278,7 @@ def test_app_rejects_bad_requests(sandbox2):
 # --------------------------------------------------------------------------------------------
 def test_applying_0007_by_hand_makes_the_endpoint_return_200(sandbox2):
     env = sandbox2["env"]["sandbox"]
-    entry = journal()[7]
+    entry = sb.journal_entries()[7]
     sql_bytes = (MIGRATIONS / f"{entry['tag']}.sql").read_bytes()
     with connect(env) as conn:
         total_before = conn.execute("SELECT sum(view_count) FROM book_view_statistics").fetchone()[0]
@@ -387,16 +384,13 @@ def test_fresh_healthy_sandbox_serves_200_at_once_and_drizzle_has_nothing_to_do(
     proc = cli("sandbox.up", "--hosts", "1", "--state", "healthy")
     Outputs.texts += [proc.stdout, proc.stderr]
     host = sb.find_host("sandbox")
-    env = {k: v for k, v in (line[7:].split("=", 1) for line in cli("sandbox.env").stdout.splitlines())}
-    import shlex
-
-    env = {k: shlex.split(v)[0] for k, v in env.items()}
+    env = host_env("sandbox")
     assert track(env, sb.INCIDENT_BOOK) == (200, {"success": True})
     with connect(env) as conn:
         assert conn.execute("SELECT count(*) FROM drizzle.__drizzle_migrations").fetchone()[0] == 8
     # drizzle-orm's own migrator, run again against the full journal, adds nothing
     user = pwd.getpwnam(host.user)
-    sb.drizzle_migrate(host, user, env["DATABASE_URL"].split(":")[2].split("@")[0], None)
+    sb.drizzle_migrate(host, user, urlsplit(env["DATABASE_URL"]).password, None)
     with connect(env) as conn:
         assert conn.execute("SELECT count(*) FROM drizzle.__drizzle_migrations").fetchone()[0] == 8
     cli("sandbox.down")
