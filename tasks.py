@@ -88,8 +88,6 @@ def ping(c, host, json=False):
 @cli
 def demo(c):
     """Bring the sandbox up in the incident state and show the production failure, end to end."""
-    import psycopg
-
     print("== 1. a production-like host where migration 0007 never ran")
     sb.up(1, "incident")
     ctl = sb.Controller()
@@ -109,8 +107,7 @@ def demo(c):
     print(f"   PostgreSQL log ({host.pg_log}):\n     {line}")
     err_line = sb.wait_for_line(host.app_dir / "logs" / "err.log", "Error tracking book view", timeout=10)
     print(f"   app err.log: {err_line}")
-    with psycopg.connect(host=host.address, port=sb.PG_PORT, dbname=sb.DB_NAME, user=sb.DB_USER,
-                         password=creds["slipway_db_password"]) as conn:
+    with sb.connect(host, creds["slipway_db_password"]) as conn:
         applied = conn.execute("SELECT count(*) FROM drizzle.__drizzle_migrations").fetchone()[0]
         has = conn.execute("SELECT count(*) FROM pg_constraint WHERE conname = %s", (sb.UNIQUE_CONSTRAINT,)).fetchone()[0]
         dups = conn.execute(

@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from .errors import SlipwayError
+from .files import write_private
 from .paths import READER_APP, ROOT, import_module_utils
 from . import vault
 
@@ -60,6 +61,7 @@ PG_PORT = 15432
 APP_PORT = 3000
 MAX_HOSTS = 19
 STATES = ("incident", "healthy")
+JOURNAL = READER_APP / "migrations" / "meta" / "_journal.json"
 PATH_ENV = "/usr/local/bin:/usr/bin:/bin"
 
 INCIDENT_BOOK = "aa4a9ca1-9a21-4126-9a7a-39b17ff186bc"
@@ -240,6 +242,19 @@ def processes() -> list[tuple[int, int, int]]:
     return out
 
 
+def user_pids(uid: int) -> list[int]:
+    """Live processes owned by ``uid``."""
+    return [pid for pid, _, owner in processes() if owner == uid and pid_alive(pid)]
+
+
+def chown_tree(top: Path, user: pwd.struct_passwd) -> None:
+    """Give ``top`` and everything below it to ``user`` (symlinks themselves, not their targets)."""
+    os.lchown(top, user.pw_uid, user.pw_gid)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, name), user.pw_uid, user.pw_gid)
+
+
 def descendants(root_pid: int) -> list[int]:
     procs = processes()
     children: dict[int, list[int]] = {}
@@ -342,9 +357,7 @@ class Controller:
         if not self.key.exists():
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "slipway-sandbox-deploy", "-f", self.key])
         if not self.vault_password_file.exists():
-            fd = os.open(self.vault_password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(32) + "\n")
+            write_private(self.vault_password_file, secrets.token_urlsafe(32) + "\n", 0o600)
 
     def load_state(self) -> dict:
         try:
@@ -354,10 +367,7 @@ class Controller:
 
     def save_state(self, state: dict) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o600)
-        tmp.replace(self.state_file)
+        write_private(self.state_file, json.dumps(state, indent=2, sort_keys=True) + "\n", 0o600)
 
     def secrets_for(self, host: str) -> dict:
         """The host's secrets from the vault, generated once and kept across `up` runs."""
@@ -370,29 +380,6 @@ class Controller:
         }
         vault.dump(values, path, self.vault_password_file)
         return values
-
-
-def write_private(path: Path, text: str, mode: int = 0o600, owner: pwd.struct_passwd | None = None) -> bool:
-    """Write ``text`` atomically with ``mode`` (created with it, never wider). True if changed."""
-    try:
-        if path.read_text() == text and (path.stat().st_mode & 0o777) == mode:
-            return False
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        if owner is not None:
-            os.fchown(fd, owner.pw_uid, owner.pw_gid)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +400,7 @@ def preflight() -> None:
         missing.append("user postgres")
     if missing:
         raise SlipwayError(f"missing on this machine: {', '.join(missing)}; run ./bootstrap")
-    if not (READER_APP / "migrations" / "meta" / "_journal.json").exists():
+    if not JOURNAL.exists():
         raise SlipwayError(f"reference app not found at {READER_APP}; run from a complete slipway checkout")
 
 
@@ -627,7 +614,8 @@ def ensure_postgres(host: Host, user: pwd.struct_passwd, password: str) -> None:
     if not running:
         pg(host, "pg_ctl", "-D", host.pgdata, "-l", host.pg_dir / "startup.log", "-w", "-t", "60", "start")
         log(host.name, f"PostgreSQL 15 listening on {host.address}:{PG_PORT}")
-    assert all(c.isalnum() or c in "-_" for c in password)  # token_urlsafe: safe inside a literal
+    if not all(c.isalnum() or c in "-_" for c in password):  # token_urlsafe's alphabet: safe in a literal
+        raise SlipwayError(f"{host.name}: the DB password in the vault has characters other than [A-Za-z0-9_-]; remove the vault file and re-run `invoke sandbox.up`")
     exists = psql_admin(host, f"SELECT 1 FROM pg_roles WHERE rolname = '{DB_USER}'")
     verb = "ALTER" if exists == "1" else "CREATE"
     # the password must not reach the server log, not even as the text of a failed statement
@@ -685,10 +673,7 @@ def ensure_release(host: Host, user: pwd.struct_passwd, rid: str, build: Path, s
         shutil.copytree(build, tmp, symlinks=True)
         os.symlink("../../shared/.env", tmp / ".env")
         os.symlink("../../logs", tmp / "logs")
-        for dirpath, dirnames, filenames in os.walk(tmp):
-            for name in dirnames + filenames:
-                os.lchown(os.path.join(dirpath, name), user.pw_uid, user.pw_gid)
-        os.chown(tmp, user.pw_uid, user.pw_gid)
+        chown_tree(tmp, user)
         tmp.rename(release)
         log(host.name, f"release {rid} installed")
         changed = True
@@ -711,14 +696,20 @@ def user_env(host: Host, user: pwd.struct_passwd, **extra) -> dict:
 
 def journal_entries() -> list[dict]:
     """The reference app's drizzle journal entries, in order."""
-    return json.loads((READER_APP / "migrations" / "meta" / "_journal.json").read_text())["entries"]
+    return json.loads(JOURNAL.read_text())["entries"]
+
+
+def connect(host: Host, password: str):
+    """A psycopg connection to the host's app database as the app's role, over TCP (scram);
+    the password goes as a parameter, never into a URL that could be printed."""
+    import psycopg
+
+    return psycopg.connect(host=host.address, port=PG_PORT, dbname=DB_NAME, user=DB_USER, password=password, connect_timeout=10)
 
 
 def db_state(host: Host, password: str) -> str:
     """'empty', 'incident', 'healthy' or 'other', from the live database."""
-    import psycopg
-
-    with psycopg.connect(host=host.address, port=PG_PORT, dbname=DB_NAME, user=DB_USER, password=password, connect_timeout=10) as conn:
+    with connect(host, password) as conn:
         tracked = conn.execute("SELECT to_regclass('drizzle.__drizzle_migrations') IS NOT NULL").fetchone()[0]
         if not tracked:
             return "empty"
@@ -745,10 +736,7 @@ def drizzle_migrate(host: Host, user: pwd.struct_passwd, password: str, upto: in
             journal = json.loads(journal_path.read_text())
             journal["entries"] = journal["entries"][:upto]
             journal_path.write_text(json.dumps(journal, indent=2))
-        for dirpath, dirnames, filenames in os.walk(tmp):
-            for name in dirnames + filenames:
-                os.chown(os.path.join(dirpath, name), user.pw_uid, user.pw_gid)
-        os.chown(tmp, user.pw_uid, user.pw_gid)
+        chown_tree(Path(tmp), user)
         env = user_env(host, user, DATABASE_URL=host.database_url(password))
         proc = run(["node", "scripts/migrate.js", folder], cwd=current, env=env, user=user, check=False)
         if proc.returncode != 0:
@@ -756,9 +744,7 @@ def drizzle_migrate(host: Host, user: pwd.struct_passwd, password: str, upto: in
 
 
 def seed(host: Host, password: str) -> None:
-    import psycopg
-
-    with psycopg.connect(host=host.address, port=PG_PORT, dbname=DB_NAME, user=DB_USER, password=password) as conn:
+    with connect(host, password) as conn:
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO users (id, email, display_name) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", USERS
@@ -810,9 +796,7 @@ def ensure_app(host: Host, user: pwd.struct_passwd, release_changed: bool) -> bo
     state = pm2_app_state(host, user)
     current = host.app_dir / "current"
     changed = False
-    if state["instances"] and state["online"] == state["instances"] and not release_changed:
-        pass
-    else:
+    if release_changed or not state["instances"] or state["online"] != state["instances"]:
         # A new release is started afresh: `pm2 reload` keeps each process's old cwd (the previous
         # release's real path), so it would go on running old code. Zero-downtime switching is
         # the deploy's job, not the sandbox's.
@@ -855,11 +839,11 @@ def down_host(host: Host) -> None:
         if daemon_pid(str(host.pm2_home)) is not None:
             pm2(host, user, "kill", check=False, timeout=30)
         # every process of the user (PM2 daemon, app workers, ssh sessions), by pid
-        kill_pids([pid for pid, _, uid in processes() if uid == user.pw_uid])
+        kill_pids(user_pids(user.pw_uid))
     stop_sshd(host)
     stop_postgres(host)
     if user is not None:
-        kill_pids([pid for pid, _, uid in processes() if uid == user.pw_uid], grace=2)
+        kill_pids(user_pids(user.pw_uid), grace=2)
         run(["userdel", host.user], check=False)
         try:
             grp.getgrnam(host.user)
@@ -989,10 +973,10 @@ def down() -> None:
         log(host.name, "down: processes ended, user and files removed")
     for name in record.get("users", []):
         try:
-            pwd.getpwnam(name)
+            entry = pwd.getpwnam(name)
         except KeyError:
             continue
-        kill_pids([pid for pid, _, uid in processes() if uid == pwd.getpwnam(name).pw_uid])
+        kill_pids(user_pids(entry.pw_uid))
         run(["userdel", name], check=False)
     if base.exists():
         shutil.rmtree(base)

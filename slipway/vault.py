@@ -6,14 +6,13 @@ controller decrypts them here. Nothing here prints a secret.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import yaml
 from ansible.parsing.vault import VaultLib, VaultSecret
 
 from .errors import SlipwayError
+from .files import write_private
 
 
 def _lib(password_file: Path) -> VaultLib:
@@ -30,11 +29,7 @@ def dump(values: dict, path: Path, password_file: Path) -> None:
     """Encrypt ``values`` as YAML into ``path`` (mode 0600, written atomically)."""
     blob = _lib(password_file).encrypt(yaml.safe_dump(values, sort_keys=True))
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".vault.")
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(blob)
-    os.replace(tmp, path)
+    write_private(path, blob, 0o600)
 
 
 def load(path: Path, password_file: Path) -> dict:

@@ -45,10 +45,6 @@ def counts(env, book):
     return {vt: (int(n), int(total)) for vt, n, total in rows}
 
 
-def uid_pids(uid):
-    return [pid for pid, _, u in sb.processes() if u == uid and sb.pid_alive(pid)]
-
-
 # --------------------------------------------------------------------------------------------
 # incident state
 # --------------------------------------------------------------------------------------------
@@ -112,7 +108,7 @@ def test_hosts_are_separate_real_hosts(sandbox2):
         assert sb.pid_alive(sb.read_pid(host.sshd_dir / "sshd.pid"))
         assert sb.pid_alive(sb.read_pid(host.pgdata / "postmaster.pid"))
         pm2_pid = sb.read_pid(host.pm2_home / "pm2.pid")
-        assert pm2_pid in uid_pids(user.pw_uid)
+        assert pm2_pid in sb.user_pids(user.pw_uid)
     assert sb.read_pid(hosts[0].pgdata / "postmaster.pid") != sb.read_pid(hosts[1].pgdata / "postmaster.pid")
 
 
@@ -362,14 +358,14 @@ def test_down_leaves_no_process_user_or_file(sandbox2):
     )
     try:
         for _ in range(100):
-            if any("sleep" in Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in uid_pids(uids[0]) if Path(f"/proc/{p}").exists()):
+            if any("sleep" in Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in sb.user_pids(uids[0]) if Path(f"/proc/{p}").exists()):
                 break
             time.sleep(0.05)
         pm2_pids = [sb.read_pid(h.pm2_home / "pm2.pid") for h in hosts]
         proc = cli("sandbox.down")
         Outputs.texts += [proc.stdout, proc.stderr]
         for uid in uids:
-            assert uid_pids(uid) == []
+            assert sb.user_pids(uid) == []
         assert not any(sb.pid_alive(p) for p in pm2_pids)
         assert_nothing_left(hosts, ctl.dir)
         session.wait(timeout=10)
