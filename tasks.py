@@ -124,6 +124,47 @@ def demo(c):
         raise Exit(f"error: expected the incident's 500, got HTTP {status}", code=1)
 
 
+@task(
+    help={
+        "dsn_env": "environment variable holding the database URL (default DATABASE_URL); never the URL itself",
+        "migrations": "drizzle migrations folder (holds meta/_journal.json)",
+        "check": "plan + preflight + rehearsal (rolled back); change nothing; exit 2 when something is pending",
+        "json": "print one JSON document",
+        "include_skipped": "also apply migrations drizzle skips (older `when` than the newest applied), in journal order",
+        "allow_tampered": "accept applied files edited since (treat them as applied)",
+        "allow_unknown": "accept tracking rows that match no file",
+        "no_rehearse": "with --check: static preflight only, no rehearsal transaction",
+        "schema": "tracking table schema (default drizzle)",
+        "table": "tracking table (default __drizzle_migrations)",
+        "lock_timeout": "PostgreSQL lock_timeout for the rehearsal and the apply (default 5s)",
+        "lock_wait": "seconds to wait for another running migration (default 10)",
+    }
+)
+@cli
+def migrate(c, migrations, dsn_env="DATABASE_URL", check=False, json=False, include_skipped=False,
+            allow_tampered=False, allow_unknown=False, no_rehearse=False, schema="drizzle",
+            table="__drizzle_migrations", lock_timeout="5s", lock_wait=10.0):
+    """Drizzle-compatible migrations against a database: plan, preflight, rehearse, apply (exit 0 ok, 1 error, 2 pending with --check)."""
+    from slipway import migrations as mig
+
+    try:
+        wait = float(lock_wait)
+    except ValueError:
+        raise SlipwayError(f"--lock-wait {lock_wait!r} is not a number of seconds; pass e.g. --lock-wait 10") from None
+    doc, error, code = mig.run(dsn_env, migrations, check, include_skipped=include_skipped,
+                               allow_tampered=allow_tampered, allow_unknown=allow_unknown,
+                               rehearse=not no_rehearse, schema=schema, table=table,
+                               lock_timeout=lock_timeout, lock_wait=wait)
+    if json:
+        print(jsonlib.dumps(doc if doc is not None else {"result": "error", "error": error}, indent=2, sort_keys=True))
+    elif doc is not None:
+        print("\n".join(mig.render(doc, check)))
+    if error:
+        raise Exit(f"error: {error}", code=code)
+    if code:
+        raise Exit(code=code)
+
+
 @task
 def lint(c):
     """ansible-lint (production profile, offline) over playbooks, roles and the collection."""
@@ -151,6 +192,7 @@ ns = Collection()
 ns.add_collection(sandbox)
 ns.add_task(ping)
 ns.add_task(demo)
+ns.add_task(migrate)
 ns.add_task(lint)
 ns.add_task(test)
 ns.configure({"run": {"echo": False, "warn": False}})

@@ -23,11 +23,22 @@ from slipway import sandbox as sb  # noqa: E402
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 
 
-def cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `invoke <args>` as a user would; returns the process with text stdout/stderr."""
+class Outputs:
+    """Every stdout/stderr the suite's CLI calls produced, for the secret scan."""
+
+    texts: list[str] = []
+
+
+def cli(*args: str, check: bool = True, timeout: int = 300, env: dict | None = None,
+        prints_secrets: bool = False) -> subprocess.CompletedProcess:
+    """Run `invoke <args>` as a user would (``env``: extra environment variables); returns the
+    process with text stdout/stderr, which the secret scan also sees unless the command prints
+    secrets on purpose (``sandbox.env``)."""
     proc = subprocess.run(
-        [*INVOKE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=os.environ.copy()
+        [*INVOKE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})}
     )
+    if not prints_secrets:
+        Outputs.texts += [proc.stdout, proc.stderr]
     if check and proc.returncode != 0:
         raise AssertionError(f"invoke {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -35,7 +46,7 @@ def cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.Comple
 
 def host_env(name: str) -> dict:
     """APP_URL / API_TOKEN / DATABASE_URL of a host, parsed from `invoke sandbox.env` like `eval` would."""
-    out = cli("sandbox.env", "--host", name).stdout
+    out = cli("sandbox.env", "--host", name, prints_secrets=True).stdout
     values = {}
     for line in out.splitlines():
         assert line.startswith("export "), line
@@ -44,10 +55,29 @@ def host_env(name: str) -> dict:
     return values
 
 
-class Outputs:
-    """Every stdout/stderr the suite's CLI calls produced, for the secret scan."""
+@pytest.fixture(scope="session")
+def pgc():
+    if os.geteuid() != 0:
+        pytest.fail("the engine tests need root: they start a PostgreSQL cluster as the postgres user")
+    from pgcluster import Cluster
 
-    texts: list[str] = []
+    cluster = Cluster(int(os.environ["SLIPWAY_SANDBOX_INSTANCE"]) + 10)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def db(pgc):
+    return pgc.createdb()
+
+
+@pytest.fixture(scope="session")
+def node_modules(sandbox2):
+    """drizzle-orm and pg as pinned by the reference app (the sandbox's `npm ci` build)."""
+    _, build = sb.build_app(sb.Controller())
+    assert (build / "node_modules" / "drizzle-orm" / "package.json").exists()
+    return build / "node_modules"
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +87,6 @@ def sandbox2():
         pytest.fail("the integration tests need root: they create users, sshd and PostgreSQL clusters")
     cli("sandbox.down")
     proc = cli("sandbox.up", "--hosts", "2", "--state", "incident")
-    Outputs.texts += [proc.stdout, proc.stderr]
     hosts = {h.name: h for h in sb.hosts_in_record()}
     envs = {name: host_env(name) for name in hosts}
     yield {"hosts": hosts, "env": envs, "up": proc}

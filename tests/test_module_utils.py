@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from slipway.paths import import_module_utils
 
 import_module_utils()
@@ -59,7 +61,8 @@ def test_summarize_jlist_rejects_garbage():
             raise AssertionError(f"accepted {bad!r}")
 
 
-def test_collection_resolves_by_fqcn_from_the_checkout():
+@pytest.mark.parametrize("module, option", [("pm2_info", "app_name"), ("pg_migrations", "migrations_path")])
+def test_collection_resolves_by_fqcn_from_the_checkout(module, option):
     import os
     import subprocess
     import sys
@@ -67,8 +70,8 @@ def test_collection_resolves_by_fqcn_from_the_checkout():
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, ANSIBLE_CONFIG=str(root / "ansible.cfg"))
-    doc = subprocess.run([str(Path(sys.executable).parent / "ansible-doc"), "--json", "slipway.core.pm2_info"],
+    doc = subprocess.run([str(Path(sys.executable).parent / "ansible-doc"), "--json", f"slipway.core.{module}"],
                          capture_output=True, text=True, env=env, cwd="/", timeout=60)
     assert doc.returncode == 0, doc.stderr
-    info = json.loads(doc.stdout)["slipway.core.pm2_info"]["doc"]
-    assert info["module"] == "pm2_info" and "app_name" in info["options"]
+    info = json.loads(doc.stdout)[f"slipway.core.{module}"]["doc"]
+    assert info["module"] == module and option in info["options"]

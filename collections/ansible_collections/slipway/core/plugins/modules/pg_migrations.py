@@ -1,0 +1,217 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: slipway developers
+# MIT License
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: pg_migrations
+short_description: Plan, preflight and apply Drizzle migrations on PostgreSQL, drizzle-compatibly
+version_added: "0.2.0"
+description:
+  - Reads a Drizzle migrations folder (C(meta/_journal.json) and C(<tag>.sql) files) and the tracking
+    table (C(drizzle.__drizzle_migrations) by default), and classifies every migration as applied,
+    pending, skipped (older C(when) than the newest applied row, which drizzle-orm's migrator never
+    runs) or tampered (edited after it was applied); tracking rows that match no file are reported
+    as unknown.
+  - Preflight with PostgreSQL's own parser (pglast) counts, on the live tables, the duplicate key
+    groups that would make a pending UNIQUE/PRIMARY KEY constraint or unique index fail, with sample
+    keys, and notes earlier statements of the pending set that write the table (consolidation).
+  - In check mode the pending set is also rehearsed inside a transaction with a short
+    I(lock_timeout) and rolled back; the first failure is reported (migration, statement, SQLSTATE).
+  - Apply takes an advisory lock, plans again under it, and runs the pending migrations and their
+    tracking rows (sha256 of the file, created_at = C(when)) in one transaction, like drizzle-orm, so
+    drizzle's own migrator afterwards finds nothing to do. Any failure rolls everything back.
+options:
+  migrations_path:
+    description: The migrations folder on the managed host (holds C(meta/_journal.json)).
+    type: path
+    required: true
+  dsn:
+    description: A libpq connection string or URL; combined with the I(login_*) options.
+    type: str
+  login_host:
+    description: Database host or unix socket directory.
+    type: str
+  login_port:
+    description: Database port.
+    type: int
+    default: 5432
+  login_user:
+    description: Database role.
+    type: str
+  login_password:
+    description: Password of I(login_user).
+    type: str
+  login_db:
+    description: Database name.
+    type: str
+    aliases: [db]
+  connect_timeout:
+    description: Seconds to wait for the connection.
+    type: int
+    default: 10
+  tracking_schema:
+    description: Schema of the tracking table (drizzle's C(migrationsSchema)).
+    type: str
+    default: drizzle
+  tracking_table:
+    description: Tracking table (drizzle's C(migrationsTable)).
+    type: str
+    default: __drizzle_migrations
+  include_skipped:
+    description: Apply skipped migrations too, in journal order; without it their presence fails the task.
+    type: bool
+    default: false
+  allow_tampered:
+    description: Accept files edited after they were applied (treated as applied); without it they fail the task.
+    type: bool
+    default: false
+  allow_unknown:
+    description: Accept tracking rows that match no file; without it they fail the task.
+    type: bool
+    default: false
+  rehearse:
+    description: In check mode, rehearse the pending set in a transaction that is rolled back.
+    type: bool
+    default: true
+  lock_timeout:
+    description: PostgreSQL C(lock_timeout) for the rehearsal and the apply (a busy table fails fast instead of queueing the app behind a lock).
+    type: str
+    default: 5s
+  lock_wait:
+    description: Seconds to wait for another slipway migration of the same database to finish.
+    type: float
+    default: 10
+requirements:
+  - psycopg >= 3.1
+  - pglast >= 6
+author:
+  - slipway developers
+notes:
+  - Supports check mode (plan, preflight and rehearsal; nothing changes) and diff mode (applied tags before/after).
+  - Statements are numbered from 1 within each migration file (chunks between C(--> statement-breakpoint)).
+"""
+
+EXAMPLES = r"""
+- name: Plan migrations and rehearse them (no change)
+  slipway.core.pg_migrations:
+    migrations_path: /srv/app/current/migrations
+    login_host: 127.0.0.1
+    login_user: booksuser
+    login_password: "{{ vault_db_password }}"
+    login_db: booksdb
+  check_mode: true
+  register: migration_plan
+
+- name: Apply pending migrations
+  slipway.core.pg_migrations:
+    migrations_path: /srv/app/current/migrations
+    dsn: "host=127.0.0.1 dbname=booksdb user=booksuser"
+    login_password: "{{ vault_db_password }}"
+  register: migrated
+"""
+
+RETURN = r"""
+applied:
+  description: Tags applied by this run (in check mode, the tags that would be applied).
+  returned: always
+  type: list
+  elements: str
+  sample: [0007_add_unique_constraint_book_view_statistics]
+summary:
+  description: Counts of applied, pending, skipped and tampered migrations and unknown rows, before this run.
+  returned: success
+  type: dict
+plan:
+  description: The whole plan document (migrations with status and SQL of those not applied,
+    unknown_rows, warnings, drizzle_would_apply, preflight checks and rehearsal, timings_ms, result).
+  returned: always
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text  # noqa: E402
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            migrations_path=dict(type="path", required=True),
+            dsn=dict(type="str", no_log=True),
+            login_host=dict(type="str"),
+            login_port=dict(type="int", default=5432),
+            login_user=dict(type="str"),
+            login_password=dict(type="str", no_log=True),
+            login_db=dict(type="str", aliases=["db"]),
+            connect_timeout=dict(type="int", default=10),
+            tracking_schema=dict(type="str", default=engine.DEFAULT_SCHEMA),
+            tracking_table=dict(type="str", default=engine.DEFAULT_TABLE),
+            include_skipped=dict(type="bool", default=False),
+            allow_tampered=dict(type="bool", default=False),
+            allow_unknown=dict(type="bool", default=False),
+            rehearse=dict(type="bool", default=True),
+            lock_timeout=dict(type="str", default="5s"),
+            lock_wait=dict(type="float", default=10.0),
+        ),
+        supports_check_mode=True,
+    )
+    if not engine.HAS_PSYCOPG:
+        module.fail_json(msg=missing_required_lib("psycopg"), exception=str(engine.PSYCOPG_IMPORT_ERROR))
+    if not engine.HAS_PGLAST:
+        module.fail_json(msg=missing_required_lib("pglast"), exception=str(engine.PGLAST_IMPORT_ERROR))
+    p = module.params
+    secrets = [s for s in (p["login_password"], engine._dsn_password(p["dsn"])) if s]
+
+    def fail(msg, plan=None):
+        module.fail_json(msg=redact_text(msg, known=secrets), plan=redact_mapping(plan or {}, known=secrets),
+                         applied=[], changed=False)
+
+    conn = None
+    try:
+        engine.read_folder(p["migrations_path"])
+        conn = engine.connect(
+            p["dsn"], connect_timeout=p["connect_timeout"], host=p["login_host"],
+            port=p["login_port"] if (p["login_host"] or not p["dsn"]) else None,
+            user=p["login_user"], password=p["login_password"], dbname=p["login_db"],
+        )
+        eng = engine.Engine(
+            conn, p["migrations_path"], schema=p["tracking_schema"], table=p["tracking_table"],
+            include_skipped=p["include_skipped"], allow_tampered=p["allow_tampered"],
+            allow_unknown=p["allow_unknown"], lock_timeout=p["lock_timeout"], lock_wait=p["lock_wait"],
+        )
+        if module.check_mode:
+            plan = eng.check(rehearse=p["rehearse"])
+            if plan["blockers"]:
+                fail("apply would be refused: " + plan["blockers"][0], plan)
+            applied = list(plan["to_apply"])
+        else:
+            plan = eng.apply()
+            applied = list(plan["applied_now"])
+    except MigrationError as exc:
+        fail(str(exc), exc.plan)
+    except Exception as exc:  # noqa: BLE001 - a module reports, it does not crash with secrets in a trace
+        fail("%s: %s" % (type(exc).__name__, exc), None)
+    finally:
+        if conn is not None:
+            conn.close()
+
+    before = sorted(m["tag"] for m in plan["migrations"] if m["status"] == "applied")
+    result = dict(
+        changed=bool(applied),
+        applied=applied,
+        summary=plan["summary"],
+        plan=redact_mapping(plan, known=secrets),
+    )
+    if module._diff:
+        result["diff"] = {"before": {"applied": before}, "after": {"applied": sorted(before + applied)}}
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

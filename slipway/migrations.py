@@ -1,0 +1,162 @@
+"""`invoke migrate`: the migration engine (collection module_utils) run locally against a DSN."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import SlipwayError
+from .paths import import_module_utils
+
+import_module_utils()
+from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text  # noqa: E402
+
+EXIT_PENDING = 2
+
+
+def dsn_from_env(var: str) -> str:
+    if not var or not var.replace("_", "").isalnum():
+        raise SlipwayError(f"--dsn-env {var!r} is not an environment variable name; pass e.g. --dsn-env DATABASE_URL")
+    value = os.environ.get(var, "")
+    if not value.strip():
+        raise SlipwayError(f"environment variable {var} is not set; export the database URL in it "
+                           f"(for the sandbox: eval \"$(invoke sandbox.env)\")")
+    return value
+
+
+def run(dsn_env: str, migrations: str, check: bool, include_skipped=False, allow_tampered=False,
+        allow_unknown=False, rehearse=True, schema=engine.DEFAULT_SCHEMA, table=engine.DEFAULT_TABLE,
+        lock_timeout="5s", lock_wait=10.0) -> tuple[dict | None, str | None, int]:
+    """Plan (``check``) or apply; returns (document, error line, exit code). Never raises for a
+    user-facing problem."""
+    dsn = dsn_from_env(dsn_env)
+    folder = str(Path(migrations).expanduser())
+    conn = None
+    try:
+        engine.read_folder(folder)  # folder problems first: no connection needed to report them
+        conn = engine.connect(dsn)
+        eng = engine.Engine(conn, folder, schema=schema, table=table, include_skipped=include_skipped,
+                            allow_tampered=allow_tampered, allow_unknown=allow_unknown,
+                            lock_timeout=lock_timeout, lock_wait=lock_wait)
+        if check:
+            doc = eng.check(rehearse=rehearse)
+            code = 1 if doc["blockers"] else (EXIT_PENDING if doc["to_apply"] else 0)
+            error = ("apply would be refused: " + doc["blockers"][0]) if doc["blockers"] else None
+            return _finish(doc, dsn), error, code
+        doc = eng.apply()
+        return _finish(doc, dsn), None, 0
+    except MigrationError as exc:
+        doc = _finish(exc.plan, dsn) if exc.plan else None
+        if doc is not None:
+            doc["error"] = doc.get("error") or str(exc)
+        return doc, redact_text(str(exc), known=_secrets(dsn)), 1
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def _secrets(dsn: str) -> list[str]:
+    password = engine._dsn_password(dsn)
+    return [password] if password else []
+
+
+def _finish(doc: dict, dsn: str) -> dict:
+    """Add where the database is (never the password) and redact anything secret-looking."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        info = conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - a DSN we could connect with parses; this is only a label
+        info = {}
+    doc = dict(doc)
+    doc["database"] = {k: info.get(k) for k in ("host", "port", "dbname", "user")}
+    return redact_mapping(doc, known=_secrets(dsn))
+
+
+# --------------------------------------------------------------------------------------------
+# Human output
+# --------------------------------------------------------------------------------------------
+def _first_line(text: str, width: int = 96) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and not ln.strip().startswith("--")]
+    line = " ".join(" ".join(lines).split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _keys(sample: dict) -> str:
+    return "(" + ", ".join("NULL" if v is None else str(v) for v in sample["key"]) + f") x{sample['rows']}"
+
+
+def render(doc: dict, check: bool) -> list[str]:
+    out = []
+    db = doc.get("database", {})
+    out.append(f"migrations {doc['migrations_dir']}  ->  {db.get('dbname')}@{db.get('host')}:{db.get('port')} "
+               f"{doc['tracking_table']} ({doc['tracking_rows']} rows)")
+    preflight = {(c["tag"], c["statement"]): c for c in (doc.get("preflight") or {}).get("checks", [])}
+    checks_by_tag: dict[str, list[dict]] = {}
+    for check_ in preflight.values():
+        checks_by_tag.setdefault(check_["tag"], []).append(check_)
+    applied_now = set(doc.get("applied_now") or [])
+    for mig in doc["migrations"]:
+        status = "applied now" if mig["tag"] in applied_now else mig["status"]
+        out.append(f"  {status:<11} {mig['tag']}  ({mig['statements']} statement{'s' if mig['statements'] != 1 else ''})")
+        if mig["status"] in ("pending", "skipped") and mig["tag"] not in applied_now:
+            for number, text in enumerate(mig.get("sql") or [], 1):
+                if text.strip():
+                    out.append(f"      {number}. {_first_line(text)}")
+        if mig["status"] == "tampered":
+            out.append(f"      tracking row {mig['row_id']} hash {mig['applied_hash'][:12]}…, file now {mig['hash'][:12]}…")
+        for c in checks_by_tag.get(mig["tag"], []):
+            out.append("      " + _check_line(c))
+    for row in doc.get("unknown_rows", []):
+        out.append(f"  unknown     tracking row {row['id']} created_at {row['created_at']} hash {str(row['hash'])[:12]}…")
+    rehearsal = (doc.get("preflight") or {}).get("rehearsal")
+    if rehearsal:
+        if rehearsal["ok"]:
+            out.append(f"  rehearsal   ok: {rehearsal['statements']} statement(s) ran in a transaction, rolled back "
+                       f"({doc['timings_ms'].get('rehearsal', 0):.0f} ms)")
+        else:
+            out.append("  rehearsal   FAILED: " + engine.describe_failure(rehearsal["failure"]) + " (rolled back)")
+    for warning in doc.get("warnings", []):
+        out.append(f"  warning     {warning}")
+    s = doc["summary"]
+    t = doc["timings_ms"]
+    tail = f"plan {t.get('plan', 0):.0f} ms, preflight {t.get('preflight', 0):.0f} ms"
+    if "apply" in t:
+        tail += f", apply {t['apply']:.0f} ms"
+    counts = f"{s['applied']} applied, {s['pending']} pending, {s['skipped']} skipped, {s['tampered']} tampered, {s['unknown_rows']} unknown rows"
+    if doc.get("result") == "applied":
+        out.append(f"applied {len(applied_now)}: {', '.join(doc['applied_now'])}  [{tail}]")
+    elif doc.get("result") == "up_to_date":
+        out.append(f"up to date: {counts}  [{tail}]")
+    else:
+        out.append(f"{counts}; to apply: {', '.join(doc['to_apply']) or 'nothing'}  [{tail}]")
+    return out
+
+
+def _check_line(c: dict) -> str:
+    head = f"preflight {c['statement']}. {c['what']}: "
+    if c["kind"] == "parse":
+        return head + "not analysed (pglast could not parse it)"
+    if c["kind"] == "no_transaction":
+        return head + "FAILS: " + c["reason"]
+    if c.get("live") is None:
+        return head + c.get("note", "nothing to check")
+    live = c["live"]
+    if c["kind"] == "not_null":
+        found = f"{live['null_rows']} NULL rows"
+    else:
+        found = f"{live['groups']} duplicate groups ({live['rows']} rows)"
+        if live["samples"]:
+            found += ", e.g. " + "; ".join(_keys(s) for s in live["samples"][:3])
+        if live.get("null_rows"):
+            found += f", {live['null_rows']} rows with NULL keys"
+    if not c["ok"]:
+        verdict = "REFUSED (nothing consolidates them first)"
+    elif c.get("consolidated_by") and (live.get("groups") or live.get("null_rows")):
+        at = c.get("at_statement")
+        after = "" if at is None else f"; {at.get('groups', at.get('null_rows'))} left when it runs"
+        verdict = f"consolidated by {', '.join(c['consolidated_by'])}{after}" + ("" if c["verified"] else " (not rehearsed)")
+    else:
+        verdict = "ok"
+    return head + found + " -> " + verdict
