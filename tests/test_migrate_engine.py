@@ -366,3 +366,64 @@ def test_a_table_that_is_not_a_tracking_table_is_refused(pgc, db):
         conn.execute("CREATE SCHEMA drizzle; CREATE TABLE drizzle.__drizzle_migrations (x int)")
     proc = migrate(pgc, db, MIGRATIONS, "--check")
     assert proc.returncode == 1 and "is not a drizzle tracking table (columns: x)" in proc.stderr
+
+
+def test_unique_index_preflight_handles_expressions_predicates_and_nulls(pgc, db, tmp_path):
+    folder = folder_copy(tmp_path)
+    migrate(pgc, db, folder, check=True)
+    with pgc.connect(db) as conn:
+        conn.execute("INSERT INTO users (email, display_name) VALUES "
+                     "('A@x.invalid', '100% reader'), ('a@x.invalid', '100% reader'), ('b@x.invalid', NULL), "
+                     "('c@x.invalid', 'plain'), ('C@x.invalid', 'plain')")
+    # lower(email) duplicates only among '100%' names: the predicate keeps its literal '%'; NULL
+    # display names never collide (NULLS DISTINCT)
+    add_entry(folder, "0008_unique_lower_email", 1790000000000,
+              "CREATE UNIQUE INDEX \"users_lower_email_pct\" ON \"users\" (lower(\"email\"), \"display_name\") "
+              "WHERE \"display_name\" LIKE '%\\%%';")
+    add_entry(folder, "0009_not_null_name", 1790000001000,
+              'ALTER TABLE "users" ALTER COLUMN "display_name" SET NOT NULL;')
+    proc = migrate(pgc, db, folder, "--check", "--json")
+    plan = as_json(proc)
+    assert proc.returncode == 1
+    unique, not_null = plan["preflight"]["checks"]
+    assert unique["kind"] == "unique" and unique["ok"] is False
+    assert unique["live"]["groups"] == 1 and unique["live"]["samples"] == [{"key": ["a@x.invalid", "100% reader"], "rows": 2}]
+    assert "WHERE display_name LIKE" in unique["what"]
+    assert not_null["kind"] == "not_null" and not_null["ok"] is False and not_null["live"]["null_rows"] == 1
+    assert migrate(pgc, db, folder).returncode == 1
+    with pgc.connect(db) as conn:
+        assert conn.execute("SELECT to_regclass('users_lower_email_pct')").fetchone()[0] is None
+
+
+def test_statements_that_cannot_run_in_a_transaction_are_refused_before_running(pgc, db, tmp_path):
+    folder = folder_copy(tmp_path)
+    add_entry(folder, "0008_concurrent_index", 1790000000000,
+              'CREATE INDEX CONCURRENTLY "books_author_idx" ON "books" ("author");')
+    proc = migrate(pgc, db, folder, "--check", "--json")
+    plan = as_json(proc)
+    assert proc.returncode == 1 and plan["preflight"]["rehearsal"] is None
+    assert "CREATE INDEX CONCURRENTLY cannot run inside a transaction block" in proc.stderr
+    assert migrate(pgc, db, folder).returncode == 1 and history(pgc, db) is None
+
+
+def test_classification_edge_cases_without_a_database(tmp_path):
+    info = drizzle.read_folder(MIGRATIONS)
+    migs = info["migrations"]
+    rows = [{"id": i + 1, "hash": m["hash"], "created_at": m["when"]} for i, m in enumerate(migs[:7])]
+    # the journal's `when` of an applied entry was moved forward: drizzle would run it again
+    moved = [dict(m) for m in migs]
+    moved[6]["when"] = migs[7]["when"] + 1
+    out = drizzle.classify(moved, rows)
+    assert out["migrations"][6]["status"] == "applied"
+    assert out["drizzle_would_apply"] == [migs[6]["tag"], migs[7]["tag"]]
+    assert any("would run it again" in w for w in out["warnings"])
+    # a row with a NULL created_at: drizzle compares against 0 and would re-run everything
+    out = drizzle.classify(migs, rows + [{"id": 99, "hash": "x" * 64, "created_at": None}])
+    assert out["drizzle_would_apply"] == [m["tag"] for m in migs]
+    assert out["unknown_rows"] == [{"id": 99, "hash": "x" * 64, "created_at": None}]
+    assert [m["status"] for m in out["migrations"]] == ["applied"] * 7 + ["pending"]
+    # two files with identical SQL: each row is matched once, by hash and `when`
+    twins = [dict(m) for m in migs[:2]]
+    twins[1] = dict(twins[0], tag="0001_same", idx=1, when=migs[1]["when"])
+    out = drizzle.classify(twins, [{"id": 1, "hash": twins[0]["hash"], "created_at": migs[0]["when"]}])
+    assert [m["status"] for m in out["migrations"]] == ["applied", "pending"]
