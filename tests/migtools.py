@@ -15,6 +15,7 @@ MIGRATIONS = ROOT / "examples" / "reader-app" / "migrations"
 JUDGE = ROOT / "tests" / "js" / "drizzle_judge.js"
 TAGS = [e["tag"] for e in json.loads((MIGRATIONS / "meta" / "_journal.json").read_text())["entries"]]
 T0007 = TAGS[7]
+WHEN_0007 = json.loads((MIGRATIONS / "meta" / "_journal.json").read_text())["entries"][7]["when"]
 
 
 def folder_copy(tmp_path: Path, upto: int | None = None) -> Path:
@@ -106,3 +107,11 @@ def incident_db(pgc, db, node_modules, tmp_path) -> None:
     proc = judge(node_modules, pgc, db, folder_copy(tmp_path / "upto7", upto=7))
     assert proc.returncode == 0, proc.stderr
     seed_duplicates(pgc, db)
+
+
+def incident_with(pgc, db, node_modules, tmp_path, tag: str, sql: str) -> Path:
+    """The incident database, and a migrations folder whose last entry (0007's `when`) is ``sql``."""
+    incident_db(pgc, db, node_modules, tmp_path)
+    folder = folder_copy(tmp_path, upto=7)
+    add_entry(folder, tag, WHEN_0007, sql)
+    return folder

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import INVOKE, ROOT, cli, sb
 from migtools import (MIGRATIONS, T0007, TAGS, add_entry, as_json, file_hash, folder_copy, history, incident_db,
-                      judge, migrate, schema_dump, stats)
+                      incident_with, judge, migrate, schema_dump, stats)
 from slipway.paths import import_module_utils
 
 import_module_utils()
@@ -245,11 +245,9 @@ def test_sql_error_in_the_middle_rolls_everything_back(pgc, db, tmp_path):
 
 
 def test_duplicates_without_consolidation_are_refused_in_preflight(pgc, db, node_modules, tmp_path):
-    incident_db(pgc, db, node_modules, tmp_path)
-    folder = folder_copy(tmp_path, upto=7)
-    add_entry(folder, "0007_unique_only", 1760443200000,
-              'ALTER TABLE "book_view_statistics" ADD CONSTRAINT "book_view_statistics_book_id_view_type_unique" '
-              'UNIQUE("book_id","view_type");')
+    folder = incident_with(pgc, db, node_modules, tmp_path, "0007_unique_only",
+                           'ALTER TABLE "book_view_statistics" ADD CONSTRAINT "book_view_statistics_book_id_view_type_unique" '
+                           'UNIQUE("book_id","view_type");')
     before = stats(pgc, db)
     proc = migrate(pgc, db, folder, "--check", "--json")
     plan = as_json(proc)
@@ -299,12 +297,10 @@ def test_duplicates_with_consolidation_pass_and_view_counts_are_preserved(pgc, d
 
 
 def test_rehearsal_reports_the_first_failure_with_tag_statement_and_sqlstate(pgc, db, node_modules, tmp_path):
-    incident_db(pgc, db, node_modules, tmp_path)
-    folder = folder_copy(tmp_path, upto=7)
     # consolidation that does not consolidate: static preflight trusts it, the rehearsal finds out
-    add_entry(folder, "0007_bad_consolidation", 1760443200000,
-              'UPDATE "book_view_statistics" SET "view_count" = "view_count";--> statement-breakpoint\n'
-              'ALTER TABLE "book_view_statistics" ADD CONSTRAINT "u" UNIQUE("book_id","view_type");')
+    folder = incident_with(pgc, db, node_modules, tmp_path, "0007_bad_consolidation",
+                           'UPDATE "book_view_statistics" SET "view_count" = "view_count";--> statement-breakpoint\n'
+                           'ALTER TABLE "book_view_statistics" ADD CONSTRAINT "u" UNIQUE("book_id","view_type");')
     before = stats(pgc, db)
     proc = migrate(pgc, db, folder, "--check", "--json")
     plan = as_json(proc)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from conftest import ROOT, sb
-from migtools import MIGRATIONS, T0007, add_entry, folder_copy, history, incident_db, stats
+from migtools import MIGRATIONS, T0007, history, incident_db, incident_with, stats
 
 PLAYBOOK = ROOT / "tests" / "playbooks" / "pg_migrations.yml"
 
@@ -73,10 +73,8 @@ def test_module_plans_applies_and_is_idempotent(pgc, db, node_modules, tmp_path)
 
 
 def test_module_fails_in_preflight_without_change(pgc, db, node_modules, tmp_path):
-    incident_db(pgc, db, node_modules, tmp_path)
-    folder = folder_copy(tmp_path / "f", upto=7)
-    add_entry(folder, "0007_unique_only", 1760443200000,
-              'ALTER TABLE "book_view_statistics" ADD CONSTRAINT "u" UNIQUE("book_id","view_type");')
+    folder = incident_with(pgc, db, node_modules, tmp_path, "0007_unique_only",
+                           'ALTER TABLE "book_view_statistics" ADD CONSTRAINT "u" UNIQUE("book_id","view_type");')
     before = stats(pgc, db)
     for check_mode in (True, False):
         out = run_module(pgc, db, folder, check_mode=check_mode)
