@@ -118,7 +118,14 @@ def demo(c):
     print(f"   constraint {sb.UNIQUE_CONSTRAINT}: {'present' if has else 'MISSING'}")
     print(f"   duplicate (book_id, view_type) groups that block it: {dups}")
     print(f"   => pending: {journal[-1]['tag']} — the upsert's ON CONFLICT has no unique constraint to use")
-    print("\nThe sandbox stays up: `eval \"$(.venv/bin/invoke sandbox.env)\"` then curl it; "
+    from slipway import migrations as mig
+
+    print("\n== 4. what slipway's migration engine plans (invoke migrate --check: preflight + rehearsal, no change)")
+    doc, error, code = mig.run_dsn(host.database_url(creds["slipway_db_password"]), str(sb.READER_APP / "migrations"), check=True)
+    for line in mig.render(doc, True) if doc else [f"error: {error}"]:
+        print("   " + line)
+    print("\nThe sandbox stays up: `eval \"$(.venv/bin/invoke sandbox.env)\"` then curl it, or fix it with "
+          "`.venv/bin/invoke migrate --migrations examples/reader-app/migrations`; "
           "`.venv/bin/invoke sandbox.down` removes it.")
     if status != 500:
         raise Exit(f"error: expected the incident's 500, got HTTP {status}", code=1)

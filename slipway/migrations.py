@@ -28,9 +28,16 @@ def dsn_from_env(var: str) -> str:
 def run(dsn_env: str, migrations: str, check: bool, include_skipped=False, allow_tampered=False,
         allow_unknown=False, rehearse=True, schema=engine.DEFAULT_SCHEMA, table=engine.DEFAULT_TABLE,
         lock_timeout="5s", lock_wait=10.0) -> tuple[dict | None, str | None, int]:
-    """Plan (``check``) or apply; returns (document, error line, exit code). Never raises for a
-    user-facing problem."""
-    dsn = dsn_from_env(dsn_env)
+    """Plan (``check``) or apply against the DSN in environment variable ``dsn_env``; returns
+    (document, error line, exit code). Never raises for a user-facing problem."""
+    return run_dsn(dsn_from_env(dsn_env), migrations, check, include_skipped=include_skipped,
+                   allow_tampered=allow_tampered, allow_unknown=allow_unknown, rehearse=rehearse, schema=schema,
+                   table=table, lock_timeout=lock_timeout, lock_wait=lock_wait)
+
+
+def run_dsn(dsn: str, migrations: str, check: bool, include_skipped=False, allow_tampered=False,
+            allow_unknown=False, rehearse=True, schema=engine.DEFAULT_SCHEMA, table=engine.DEFAULT_TABLE,
+            lock_timeout="5s", lock_wait=10.0) -> tuple[dict | None, str | None, int]:
     folder = str(Path(migrations).expanduser())
     conn = None
     try:
@@ -117,6 +124,9 @@ def render(doc: dict, check: bool) -> list[str]:
                        f"({doc['timings_ms'].get('rehearsal', 0):.0f} ms)")
         else:
             out.append("  rehearsal   FAILED: " + engine.describe_failure(rehearsal["failure"]) + " (rolled back)")
+    would = doc.get("drizzle_would_apply", [])
+    if would != doc["to_apply"]:
+        out.append(f"  drizzle     its own migrator would run: {', '.join(would) or 'nothing'}")
     for warning in doc.get("warnings", []):
         out.append(f"  warning     {warning}")
     s = doc["summary"]

@@ -423,3 +423,28 @@ def test_classification_edge_cases_without_a_database(tmp_path):
     twins[1] = dict(twins[0], tag="0001_same", idx=1, when=migs[1]["when"])
     out = drizzle.classify(twins, [{"id": 1, "hash": twins[0]["hash"], "created_at": migs[0]["when"]}])
     assert [m["status"] for m in out["migrations"]] == ["applied", "pending"]
+
+
+def test_where_drizzle_would_rerun_applied_migrations_slipway_does_not(pgc, db, node_modules, tmp_path):
+    migrate(pgc, db, MIGRATIONS, check=True)
+    # an applied entry's `when` moved forward in the journal (a rebase, a hand edit)
+    folder = folder_copy(tmp_path)
+    path = folder / "meta" / "_journal.json"
+    journal = json.loads(path.read_text())
+    journal["entries"][6]["when"] = journal["entries"][7]["when"] + 1
+    path.write_text(json.dumps(journal))
+    proc = judge(node_modules, pgc, db, folder)
+    assert proc.returncode == 1 and "already exists" in proc.stderr  # drizzle runs 0006 again
+    plan = as_json(migrate(pgc, db, folder, "--check", "--json", check=True))
+    assert plan["result"] == "up_to_date" and plan["drizzle_would_apply"] == [TAGS[6]]
+    assert any(f"{TAGS[6]} is applied (row id 7)" in w and "would run it again" in w for w in plan["warnings"])
+    # a tracking row with a NULL created_at: drizzle compares with 0 and re-runs everything
+    with pgc.connect(db) as conn:
+        conn.execute("INSERT INTO drizzle.__drizzle_migrations (hash, created_at) VALUES ('manual', NULL)")
+    proc = judge(node_modules, pgc, db, MIGRATIONS)
+    assert proc.returncode == 1 and 'CREATE TABLE "users"' in proc.stderr
+    proc = migrate(pgc, db, MIGRATIONS, "--check", "--json")
+    plan = as_json(proc)
+    assert proc.returncode == 1 and plan["to_apply"] == [] and plan["unknown_rows"][0]["hash"] == "manual"
+    assert plan["drizzle_would_apply"] == TAGS
+    assert len(history(pgc, db)) == 9

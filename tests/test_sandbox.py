@@ -427,3 +427,20 @@ def test_fresh_healthy_sandbox_serves_200_at_once_and_drizzle_has_nothing_to_do(
         assert conn.execute("SELECT count(*) FROM drizzle.__drizzle_migrations").fetchone()[0] == 8
     cli("sandbox.down")
     assert_nothing_left([host], sb.Controller().dir)
+
+
+def test_demo_shows_the_incident_and_slipways_plan_for_it():
+    proc = cli("demo")
+    out = proc.stdout
+    assert 'HTTP 500 {"error": "Failed to track book view"}' in out
+    assert "there is no unique or exclusion constraint matching the ON CONFLICT specification" in out
+    assert "drizzle.__drizzle_migrations: 7 rows; the journal has 8 migrations" in out
+    assert "pending     0007_add_unique_constraint_book_view_statistics" in out
+    assert "3 duplicate groups (7 rows)" in out and "rehearsal   ok" in out
+    host = sb.find_host("sandbox")
+    env = host_env("sandbox")
+    assert track(env, sb.INCIDENT_BOOK) == (500, INCIDENT_BODY)  # the demo's plan changed nothing
+    for secret in (env["API_TOKEN"], urlsplit(env["DATABASE_URL"]).password):
+        assert secret not in out + proc.stderr
+    cli("sandbox.down")
+    assert_nothing_left([host], sb.Controller().dir)
