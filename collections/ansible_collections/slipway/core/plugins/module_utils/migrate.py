@@ -662,6 +662,7 @@ def _public(plan):
     """Drop internal fields (parsed ops) from the plan document; returns it."""
     for check in (plan.get("preflight") or {}).get("checks", []):
         check.pop("op", None)
+        check.pop("written_in_statement", None)
     return plan
 
 
