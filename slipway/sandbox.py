@@ -545,14 +545,21 @@ def stop_sshd(host: Host) -> None:
         kill_pids([pid])
 
 
-def pg(host: Host, *args, **kwargs):
+def pg(*args, **kwargs):
+    """Run a PostgreSQL 15 program (``initdb``, ``pg_ctl``, ``psql``) as the ``postgres`` user."""
     return run([PG_BIN / args[0], *args[1:]], user=pwd.getpwnam("postgres"), **kwargs)
+
+
+def initdb(pgdata: Path) -> None:
+    """A new cluster: superuser ``postgres`` (peer on the socket), scram over TCP, UTF-8."""
+    pg("initdb", "-D", pgdata, "-U", "postgres", "--auth-local=peer", "--auth-host=scram-sha-256",
+       "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
 
 
 def psql_admin(host: Host, sql: str, db: str = "postgres") -> str:
     """Run SQL as the cluster superuser over the unix socket (peer auth); SQL goes on stdin."""
     proc = pg(
-        host, "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+        "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
         "-h", host.pgsock, "-p", PG_PORT, "-U", "postgres", "-d", db, "-f", "-",
         input=sql,
     )
@@ -570,8 +577,7 @@ def ensure_postgres(host: Host, user: pwd.struct_passwd, password: str) -> None:
     os.chown(host.pglog_dir, pguser.pw_uid, user.pw_gid)
     os.chmod(host.pglog_dir, 0o2750)
     if not (host.pgdata / "PG_VERSION").exists():
-        pg(host, "initdb", "-D", host.pgdata, "-U", "postgres", "--auth-local=peer",
-           "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
+        initdb(host.pgdata)
         log(host.name, "PostgreSQL cluster initialised")
     conf = "\n".join(
         [
@@ -607,12 +613,12 @@ def ensure_postgres(host: Host, user: pwd.struct_passwd, password: str) -> None:
     )
     changed = write_private(host.pgdata / "postgresql.auto.conf", conf, 0o600, owner=pguser)
     changed |= write_private(host.pgdata / "pg_hba.conf", hba, 0o600, owner=pguser)
-    running = pg(host, "pg_ctl", "-D", host.pgdata, "status", check=False).returncode == 0
+    running = pg("pg_ctl", "-D", host.pgdata, "status", check=False).returncode == 0
     if running and changed:
-        pg(host, "pg_ctl", "-D", host.pgdata, "-m", "fast", "-w", "stop")
+        pg("pg_ctl", "-D", host.pgdata, "-m", "fast", "-w", "stop")
         running = False
     if not running:
-        pg(host, "pg_ctl", "-D", host.pgdata, "-l", host.pg_dir / "startup.log", "-w", "-t", "60", "start")
+        pg("pg_ctl", "-D", host.pgdata, "-l", host.pg_dir / "startup.log", "-w", "-t", "60", "start")
         log(host.name, f"PostgreSQL 15 listening on {host.address}:{PG_PORT}")
     if not all(c.isalnum() or c in "-_" for c in password):  # token_urlsafe's alphabet: safe in a literal
         raise SlipwayError(f"{host.name}: the DB password in the vault has characters other than [A-Za-z0-9_-]; remove the vault file and re-run `invoke sandbox.up`")
@@ -632,7 +638,7 @@ def stop_postgres(host: Host) -> None:
     pid = read_pid(host.pgdata / "postmaster.pid")
     if pid_alive(pid):
         try:
-            pg(host, "pg_ctl", "-D", host.pgdata, "-m", "fast", "-w", "-t", "20", "stop", check=False)
+            pg("pg_ctl", "-D", host.pgdata, "-m", "fast", "-w", "-t", "20", "stop", check=False)
         except (SlipwayError, KeyError):
             pass
         kill_pids([pid] + descendants(pid))

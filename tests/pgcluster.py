@@ -30,15 +30,11 @@ class Cluster:
     def data(self) -> Path:
         return self.root / "data"
 
-    def _pg(self, *args, **kwargs):
-        return sb.run([sb.PG_BIN / args[0], *args[1:]], user=self.pguser, **kwargs)
-
     def start(self) -> None:
         self.stop()
         self.root.mkdir(mode=0o700)
         shutil.chown(self.root, self.pguser.pw_uid, self.pguser.pw_gid)
-        self._pg("initdb", "-D", self.data, "-U", "postgres", "--auth-local=peer", "--auth-host=scram-sha-256",
-                 "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
+        sb.initdb(self.data)
         (self.data / "postgresql.auto.conf").write_text(
             f"listen_addresses = '{ADDRESS}'\nport = {self.port}\nunix_socket_directories = '{self.root}'\n"
             "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 40\n"
@@ -46,15 +42,15 @@ class Cluster:
         (self.data / "pg_hba.conf").write_text(
             f"local all postgres peer\nhost all {self.user} {ADDRESS}/32 scram-sha-256\n"
         )
-        self._pg("pg_ctl", "-D", self.data, "-l", self.root / "server.log", "-w", "-t", "60", "start")
-        self._pg("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.root, "-p", self.port, "-U", "postgres",
-                 "-d", "postgres", "-f", "-",
-                 input=f"SET log_statement = 'none';\nCREATE ROLE {self.user} LOGIN CREATEDB PASSWORD '{self.password}';\n")
+        sb.pg("pg_ctl", "-D", self.data, "-l", self.root / "server.log", "-w", "-t", "60", "start")
+        sb.pg("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.root, "-p", self.port, "-U", "postgres",
+              "-d", "postgres", "-f", "-",
+              input=f"SET log_statement = 'none';\nCREATE ROLE {self.user} LOGIN CREATEDB PASSWORD '{self.password}';\n")
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             pid = sb.read_pid(self.data / "postmaster.pid")
-            self._pg("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop", check=False)
+            sb.pg("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop", check=False)
             sb.kill_pids([p for p in [pid] if p])
         if self.root.exists():
             shutil.rmtree(self.root)
