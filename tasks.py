@@ -122,7 +122,7 @@ def demo(c):
 
     print("\n== 4. what slipway's migration engine plans (invoke migrate --check: preflight + rehearsal, no change)")
     doc, error, code = mig.run_dsn(host.database_url(creds["slipway_db_password"]), str(sb.READER_APP / "migrations"), check=True)
-    for line in mig.render(doc, True) if doc else [f"error: {error}"]:
+    for line in mig.render(doc) if doc else [f"error: {error}"]:
         print("   " + line)
     print("\nThe sandbox stays up: `eval \"$(.venv/bin/invoke sandbox.env)\"` then curl it, or fix it with "
           "`.venv/bin/invoke migrate --migrations examples/reader-app/migrations`; "
@@ -165,7 +165,7 @@ def migrate(c, migrations, dsn_env="DATABASE_URL", check=False, json=False, incl
     if json:
         print(jsonlib.dumps(doc if doc is not None else {"result": "error", "error": error}, indent=2, sort_keys=True))
     elif doc is not None:
-        print("\n".join(mig.render(doc, check)))
+        print("\n".join(mig.render(doc)))
     if error:
         raise Exit(f"error: {error}", code=code)
     if code:

@@ -32,6 +32,7 @@ from slipway.paths import import_module_utils  # noqa: E402
 
 import_module_utils()
 from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import read_folder  # noqa: E402
 
 MIGRATIONS = ROOT / "examples" / "reader-app" / "migrations"
 JUDGE = ROOT / "tests" / "js" / "drizzle_judge.js"
@@ -92,7 +93,7 @@ def main() -> None:
         for _ in range(args.repeat):
             db = cluster.createdb()
             with cluster.connect(db) as conn:
-                ms, plan = timed(lambda: engine.Engine(conn, str(MIGRATIONS)).apply())
+                ms, plan = timed(lambda: engine.Engine(conn, read_folder(MIGRATIONS)).apply())
             assert plan["applied_now"] and len(plan["applied_now"]) == 8
             inproc.append(ms)
             db = cluster.createdb()
@@ -117,7 +118,7 @@ def main() -> None:
         for size in sizes:
             db = cluster.createdb()
             with cluster.connect(db) as conn:
-                engine.Engine(conn, str(upto_folder(tmp, 7))).apply()
+                engine.Engine(conn, read_folder(upto_folder(tmp, 7))).apply()
                 # keys (book k/2, type k%2) are unique per k; 1 row in 10 repeats the previous row's key
                 conn.execute("INSERT INTO books (id, title, author) SELECT md5(i::text)::uuid, 'b' || i, 'a' "
                              "FROM generate_series(0, %s) i", (size // 2 + 1,))
@@ -129,13 +130,13 @@ def main() -> None:
                 conn.execute("ANALYZE book_view_statistics")
                 plans, pres, rehs = [], [], []
                 for _ in range(args.repeat):
-                    plan = engine.Engine(conn, str(MIGRATIONS)).check(rehearse=True)
+                    plan = engine.Engine(conn, read_folder(MIGRATIONS)).check(rehearse=True)
                     assert plan["to_apply"] == ["0007_add_unique_constraint_book_view_statistics"], plan["blockers"]
                     plans.append(plan["timings_ms"]["plan"])
                     pres.append(plan["timings_ms"]["preflight"])
                     rehs.append(plan["timings_ms"]["rehearsal"])
                 groups = plan["preflight"]["checks"][0]["live"]["groups"]
-                ms, done = timed(lambda: engine.Engine(conn, str(MIGRATIONS)).apply())
+                ms, done = timed(lambda: engine.Engine(conn, read_folder(MIGRATIONS)).apply())
                 assert done["applied_now"] == ["0007_add_unique_constraint_book_view_statistics"]
             print(f"   {size:>9} {med(plans)} {med(pres):>9} {med(rehs):>9} {ms:8.1f}  {groups}")
     finally:

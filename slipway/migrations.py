@@ -9,7 +9,7 @@ from .paths import import_module_utils
 
 import_module_utils()
 from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
-from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder  # noqa: E402
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text  # noqa: E402
 
 EXIT_PENDING = 2
@@ -25,23 +25,19 @@ def dsn_from_env(var: str) -> str:
     return value
 
 
-def run(dsn_env: str, migrations: str, check: bool, include_skipped=False, allow_tampered=False,
-        allow_unknown=False, rehearse=True, schema=engine.DEFAULT_SCHEMA, table=engine.DEFAULT_TABLE,
-        lock_timeout="5s", lock_wait=10.0) -> tuple[dict | None, str | None, int]:
-    """Plan (``check``) or apply against the DSN in environment variable ``dsn_env``; returns
-    (document, error line, exit code). Never raises for a user-facing problem."""
-    return run_dsn(dsn_from_env(dsn_env), migrations, check, include_skipped=include_skipped,
-                   allow_tampered=allow_tampered, allow_unknown=allow_unknown, rehearse=rehearse, schema=schema,
-                   table=table, lock_timeout=lock_timeout, lock_wait=lock_wait)
+def run(dsn_env: str, migrations: str, check: bool, **options) -> tuple[dict | None, str | None, int]:
+    """``run_dsn`` against the DSN in environment variable ``dsn_env``."""
+    return run_dsn(dsn_from_env(dsn_env), migrations, check, **options)
 
 
 def run_dsn(dsn: str, migrations: str, check: bool, include_skipped=False, allow_tampered=False,
             allow_unknown=False, rehearse=True, schema=engine.DEFAULT_SCHEMA, table=engine.DEFAULT_TABLE,
             lock_timeout="5s", lock_wait=10.0) -> tuple[dict | None, str | None, int]:
-    folder = str(Path(migrations).expanduser())
+    """Plan (``check``) or apply; returns (document, error line, exit code). Never raises for a
+    user-facing problem."""
     conn = None
     try:
-        engine.read_folder(folder)  # folder problems first: no connection needed to report them
+        folder = read_folder(str(Path(migrations).expanduser()))  # folder problems first: no connection needed
         conn = engine.connect(dsn)
         eng = engine.Engine(conn, folder, schema=schema, table=table, include_skipped=include_skipped,
                             allow_tampered=allow_tampered, allow_unknown=allow_unknown,
@@ -64,7 +60,7 @@ def run_dsn(dsn: str, migrations: str, check: bool, include_skipped=False, allow
 
 
 def _secrets(dsn: str) -> list[str]:
-    password = engine._dsn_password(dsn)
+    password = engine.dsn_password(dsn)
     return [password] if password else []
 
 
@@ -94,15 +90,14 @@ def _keys(sample: dict) -> str:
     return "(" + ", ".join("NULL" if v is None else str(v) for v in sample["key"]) + f") x{sample['rows']}"
 
 
-def render(doc: dict, check: bool) -> list[str]:
+def render(doc: dict) -> list[str]:
     out = []
     db = doc.get("database", {})
     out.append(f"migrations {doc['migrations_dir']}  ->  {db.get('dbname')}@{db.get('host')}:{db.get('port')} "
                f"{doc['tracking_table']} ({doc['tracking_rows']} rows)")
-    preflight = {(c["tag"], c["statement"]): c for c in (doc.get("preflight") or {}).get("checks", [])}
     checks_by_tag: dict[str, list[dict]] = {}
-    for check_ in preflight.values():
-        checks_by_tag.setdefault(check_["tag"], []).append(check_)
+    for check in (doc.get("preflight") or {}).get("checks", []):
+        checks_by_tag.setdefault(check["tag"], []).append(check)
     applied_now = set(doc.get("applied_now") or [])
     for mig in doc["migrations"]:
         status = "applied now" if mig["tag"] in applied_now else mig["status"]

@@ -18,6 +18,7 @@ Pure Python (no database access): the folder and the tracking rows go in, a clas
 """
 from __future__ import absolute_import, annotations, division, print_function
 
+import datetime
 import hashlib
 import json
 import os
@@ -47,8 +48,6 @@ def _utf8(path, raw):
 
 
 def _when_text(when):
-    import datetime
-
     try:
         return datetime.datetime.fromtimestamp(when / 1000.0, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     except (OverflowError, OSError, ValueError, TypeError):

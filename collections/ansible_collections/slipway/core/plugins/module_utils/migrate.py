@@ -29,8 +29,8 @@ from ansible_collections.slipway.core.plugins.module_utils.drizzle import (
     MigrationError,
     classify,
     counts,
-    read_folder,
 )
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
 __metaclass__ = type
 
@@ -113,14 +113,12 @@ def connect(dsn=None, connect_timeout=10, **params):
     try:
         return psycopg.connect(dsn or "", autocommit=True, connect_timeout=connect_timeout, **kwargs)
     except psycopg.Error as exc:
-        message = _one_line(str(exc)) or type(exc).__name__
-        for secret in (kwargs.get("password"), _dsn_password(dsn)):
-            if secret:
-                message = message.replace(secret, "***")
+        message = redact_text(_one_line(str(exc)) or type(exc).__name__, known=(kwargs.get("password"), dsn_password(dsn)))
         raise MigrationError("cannot connect to PostgreSQL: %s; check the DSN, the server and pg_hba.conf" % message)
 
 
-def _dsn_password(dsn):
+def dsn_password(dsn):
+    """The password inside a DSN/URL (to mask it in messages), or None."""
     if not dsn or not HAS_PSYCOPG:
         return None
     try:
@@ -416,7 +414,10 @@ def _recount(conn, check):
 # The engine
 # --------------------------------------------------------------------------------------------
 class Engine:
-    """Plan / check / apply one migrations folder against one database connection."""
+    """Plan / check / apply one migrations folder against one database connection.
+
+    ``folder`` is what ``drizzle.read_folder`` returned: callers read (and so validate) the folder
+    before they connect, and the engine plans with exactly that content."""
 
     def __init__(self, conn, folder, schema=DEFAULT_SCHEMA, table=DEFAULT_TABLE, include_skipped=False,
                  allow_tampered=False, allow_unknown=False, lock_timeout="5s", lock_wait=10.0):
@@ -434,10 +435,10 @@ class Engine:
         self._lock_key = zlib.crc32(("%s.%s" % (schema, table)).encode("utf-8")) & 0x7FFFFFFF
 
     # ---- plan --------------------------------------------------------------------------------
-    def plan(self, folder_info=None):
+    def plan(self):
         """Classify everything; returns the plan document (no change to the database)."""
         start = time.monotonic()
-        info = folder_info or read_folder(self.folder)
+        info = self.folder
         rows = read_rows(self.conn, self.schema, self.table)
         classified = classify(info["migrations"], rows)
         by_tag = {m["tag"]: m for m in info["migrations"]}
@@ -481,7 +482,7 @@ class Engine:
             out.append(
                 "%d tracking row(s) match no migration in %s (first: id %d, created_at %s, hash %s...): the database "
                 "has history this folder lacks; use the matching migrations folder, or pass --allow-unknown"
-                % (len(classified["unknown_rows"]), self.folder, row["id"], row["created_at"], (row["hash"] or "")[:12])
+                % (len(classified["unknown_rows"]), self.folder["folder"], row["id"], row["created_at"], (row["hash"] or "")[:12])
             )
         return out
 
@@ -493,11 +494,14 @@ class Engine:
         except psycopg.Error as exc:
             raise _db_error("plan", exc)
 
-    def _check(self, rehearse):
-        plan = self.plan()
+    def _static_preflight(self, plan):
         start = time.monotonic()
         plan["preflight"] = {"checks": static_checks(self.conn, self._to_apply), "rehearsal": None}
         plan["timings_ms"]["preflight"] = _ms(start)
+
+    def _check(self, rehearse):
+        plan = self.plan()
+        self._static_preflight(plan)
         statically_ok = all(c["ok"] for c in plan["preflight"]["checks"])
         # a known failure needs no rehearsal: it would only take locks to find out again
         if rehearse and self._to_apply and not plan["blockers"] and statically_ok:
@@ -525,28 +529,38 @@ class Engine:
 
     def rehearse(self, checks):
         """Run the set to apply in a transaction with a short lock_timeout, then roll back."""
+        with self.conn.transaction(force_rollback=True):
+            self._set_lock_timeout()
+            ran, failure, _ = self._execute(checks)
+        return {"ok": failure is None, "failure": failure, "statements": ran}
+
+    def _execute(self, checks, applied=None):
+        """Run the set to apply in the current transaction, re-counting each check right before its
+        statement. With ``applied`` (a list), insert each migration's tracking row after it and
+        append its tag. Returns (statements run, failure detail or None, counts before the failed
+        statement); stops at the first failure, leaving the transaction to be rolled back."""
         counted = _checks_by_statement(checks)
-        result = {"ok": True, "failure": None, "statements": 0}
-        try:
-            with self.conn.transaction(force_rollback=True):
-                self._set_lock_timeout()
-                for mig in self._to_apply:
-                    for number, text in enumerate(mig["statements"], 1):
-                        if not text.strip():
-                            continue
-                        for check in counted.get((mig["tag"], number), []):
-                            if not check.get("written_in_statement"):
-                                check["at_statement"] = _recount(self.conn, check)
-                        try:
-                            self.conn.execute(text)
-                        except psycopg.Error as exc:
-                            result["ok"] = False
-                            result["failure"] = error_detail(mig["tag"], number, exc)
-                            raise _Stop()
-                        result["statements"] += 1
-        except _Stop:
-            pass
-        return result
+        ident = tracking_ident(self.schema, self.table)
+        ran = 0
+        for mig in self._to_apply:
+            for number, text in enumerate(mig["statements"], 1):
+                if not text.strip():
+                    continue
+                before = {}
+                for check in counted.get((mig["tag"], number), []):
+                    if not check.get("written_in_statement"):
+                        check["at_statement"] = before[check["what"]] = _recount(self.conn, check)
+                try:
+                    self.conn.execute(text)
+                except psycopg.Error as exc:
+                    return ran, error_detail(mig["tag"], number, exc), before
+                ran += 1
+            if applied is not None:
+                self.conn.execute(
+                    sql.SQL("INSERT INTO {} (hash, created_at) VALUES (%s, %s)").format(ident), (mig["hash"], mig["when"])
+                )
+                applied.append(mig["tag"])
+        return ran, None, {}
 
     def _set_lock_timeout(self):
         if self.lock_timeout:
@@ -590,9 +604,7 @@ class Engine:
                 plan = self.plan()
                 plan["timings_ms"]["lock_wait"] = lock_ms
                 plan["applied_now"] = []
-                start = time.monotonic()
-                plan["preflight"] = {"checks": static_checks(self.conn, self._to_apply), "rehearsal": None}
-                plan["timings_ms"]["preflight"] = _ms(start)
+                self._static_preflight(plan)
                 self._finish_preflight(plan)
                 if plan["blockers"]:
                     plan["result"] = "blocked"
@@ -620,36 +632,21 @@ class Engine:
                 _public(plan)
 
     def _run(self, plan):
-        counted = _checks_by_statement(plan["preflight"]["checks"])
         ident = tracking_ident(self.schema, self.table)
         self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
         self.conn.execute(sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (id SERIAL PRIMARY KEY, hash text NOT NULL, created_at bigint)"
         ).format(ident))
-        for mig in self._to_apply:
-            for number, text in enumerate(mig["statements"], 1):
-                if not text.strip():
-                    continue
-                before = {}
-                for check in counted.get((mig["tag"], number), []):
-                    if not check.get("written_in_statement"):
-                        check["at_statement"] = before[check["what"]] = _recount(self.conn, check)
-                try:
-                    self.conn.execute(text)
-                except psycopg.Error as exc:
-                    detail = error_detail(mig["tag"], number, exc)
-                    if before:
-                        detail["before_statement"] = before
-                    plan["result"] = "failed"
-                    plan["error"] = detail
-                    raise MigrationFailed(
-                        "migration failed, everything rolled back, tracking table unchanged: %s" % describe_failure(detail),
-                        detail,
-                    )
-            self.conn.execute(
-                sql.SQL("INSERT INTO {} (hash, created_at) VALUES (%s, %s)").format(ident), (mig["hash"], mig["when"])
+        _, detail, before = self._execute(plan["preflight"]["checks"], applied=plan["applied_now"])
+        if detail is not None:
+            if before:
+                detail["before_statement"] = before
+            plan["result"] = "failed"
+            plan["error"] = detail
+            raise MigrationFailed(
+                "migration failed, everything rolled back, tracking table unchanged: %s" % describe_failure(detail),
+                detail,
             )
-            plan["applied_now"].append(mig["tag"])
 
 
 def _db_error(stage, exc):
@@ -673,7 +670,3 @@ class MigrationRefused(MigrationError):
         MigrationError.__init__(self, "apply refused, nothing changed: " + plan["blockers"][0]
                                 + ("" if len(plan["blockers"]) == 1 else " (+%d more)" % (len(plan["blockers"]) - 1)))
         self.plan = plan
-
-
-class _Stop(Exception):
-    pass

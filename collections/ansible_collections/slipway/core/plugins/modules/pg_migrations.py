@@ -135,7 +135,7 @@ plan:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
 from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
-from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder  # noqa: E402
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text  # noqa: E402
 
 
@@ -166,7 +166,7 @@ def main():
     if not engine.HAS_PGLAST:
         module.fail_json(msg=missing_required_lib("pglast"), exception=str(engine.PGLAST_IMPORT_ERROR))
     p = module.params
-    secrets = [s for s in (p["login_password"], engine._dsn_password(p["dsn"])) if s]
+    secrets = [s for s in (p["login_password"], engine.dsn_password(p["dsn"])) if s]
 
     def fail(msg, plan=None):
         module.fail_json(msg=redact_text(msg, known=secrets), plan=redact_mapping(plan or {}, known=secrets),
@@ -174,14 +174,14 @@ def main():
 
     conn = None
     try:
-        engine.read_folder(p["migrations_path"])
+        folder = read_folder(p["migrations_path"])  # folder problems first: no connection needed
         conn = engine.connect(
             p["dsn"], connect_timeout=p["connect_timeout"], host=p["login_host"],
             port=p["login_port"] if (p["login_host"] or not p["dsn"]) else None,
             user=p["login_user"], password=p["login_password"], dbname=p["login_db"],
         )
         eng = engine.Engine(
-            conn, p["migrations_path"], schema=p["tracking_schema"], table=p["tracking_table"],
+            conn, folder, schema=p["tracking_schema"], table=p["tracking_table"],
             include_skipped=p["include_skipped"], allow_tampered=p["allow_tampered"],
             allow_unknown=p["allow_unknown"], lock_timeout=p["lock_timeout"], lock_wait=p["lock_wait"],
         )
