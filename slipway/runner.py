@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -54,11 +55,13 @@ def close_ssh_masters(control_dir: Path) -> None:
                        capture_output=True, timeout=10, check=False)
 
 
-def run_playbook(playbook: str, target: str, extravars: dict | None = None, progress=None) -> dict:
+def run_playbook(playbook: str, target: str, extravars: dict | None = None, progress=None, *,
+                 check: bool = False, on_event=None) -> dict:
     """Run ``playbooks/<playbook>`` against ``target`` (a host or group); returns a result dict with
     ``rc``, ``status``, ``stats`` (set_stats data), ``failures`` (host, task, msg) and per-host counts.
 
-    ``progress``: a callable given one line per task start, for the CLI's progress output."""
+    ``progress``: a callable given one line per task start, for the CLI's progress output;
+    ``check``: run in check mode (``--check``); ``on_event``: a callable given every event."""
     import ansible_runner
 
     path = PLAYBOOKS / playbook
@@ -67,9 +70,11 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
     failures: list[dict] = []
     final: dict = {}
 
-    def on_event(event: dict) -> bool:
+    def handle(event: dict) -> bool:
         data = event.get("event_data", {})
         kind = event.get("event")
+        if on_event:
+            on_event(event)
         if kind == "playbook_on_stats":
             final.update(data.get("artifact_data") or {})
         elif kind == "playbook_on_task_start" and progress:
@@ -93,9 +98,9 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
             inventory=inventories(),
             extravars={"slipway_target": target, **(extravars or {})},
             envvars=envvars,
-            cmdline=f"--limit {target}",
+            cmdline=f"--limit {shlex.quote(target)}" + (" --check" if check else ""),
             quiet=True,
-            event_handler=on_event,
+            event_handler=handle,
             suppress_env_files=True,
         )
         stats = result.stats or {}

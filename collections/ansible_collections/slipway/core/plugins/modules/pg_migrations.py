@@ -28,8 +28,14 @@ description:
 options:
   migrations_path:
     description: The migrations folder on the managed host (holds C(meta/_journal.json)).
+      One of I(migrations_path) and I(migrations_content) is required.
     type: path
-    required: true
+  migrations_content:
+    description:
+      - The migrations folder as data, C({"meta/_journal.json": text, "<tag>.sql": text, ...}), e.g. read
+        on the controller from the release being deployed, so a plan needs nothing shipped first.
+      - Written to a private temporary folder on the managed host for the run and removed after.
+    type: dict
   dsn:
     description: A libpq connection string or URL; combined with the I(login_*) options.
     type: str
@@ -133,16 +139,35 @@ plan:
   type: dict
 """
 
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
 from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
 from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder  # noqa: E402
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text  # noqa: E402
 
 
+def write_folder(top, content):
+    """Write ``{relative path: text}`` under ``top`` (paths must stay inside it); returns ``top``/migrations."""
+    root = os.path.join(top, "migrations")
+    for rel, text in content.items():
+        path = os.path.normpath(os.path.join(root, rel))
+        if not path.startswith(root + os.sep) or not (rel == "meta/_journal.json" or rel.endswith(".sql")):
+            raise MigrationError("migrations_content key %r is not meta/_journal.json or <tag>.sql inside the folder" % rel)
+        if not os.path.isdir(os.path.dirname(path)):
+            os.makedirs(os.path.dirname(path), 0o700)
+        with open(path, "w") as handle:
+            handle.write(text)
+    return root
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            migrations_path=dict(type="path", required=True),
+            migrations_path=dict(type="path"),
+            migrations_content=dict(type="dict"),
             dsn=dict(type="str", no_log=True),
             login_host=dict(type="str"),
             login_port=dict(type="int", default=5432),
@@ -159,6 +184,8 @@ def main():
             lock_timeout=dict(type="str", default="5s"),
             lock_wait=dict(type="float", default=10.0),
         ),
+        required_one_of=[("migrations_path", "migrations_content")],
+        mutually_exclusive=[("migrations_path", "migrations_content")],
         supports_check_mode=True,
     )
     if not engine.HAS_PSYCOPG:
@@ -173,8 +200,13 @@ def main():
                          applied=[], changed=False)
 
     conn = None
+    tmpdir = None
     try:
-        folder = read_folder(p["migrations_path"])  # folder problems first: no connection needed
+        if p["migrations_content"] is not None:
+            tmpdir = tempfile.mkdtemp(prefix="slipway-migrations-")
+            folder = read_folder(write_folder(tmpdir, p["migrations_content"]))
+        else:
+            folder = read_folder(p["migrations_path"])  # folder problems first: no connection needed
         conn = engine.connect(
             p["dsn"], connect_timeout=p["connect_timeout"], host=p["login_host"],
             port=p["login_port"] if (p["login_host"] or not p["dsn"]) else None,
@@ -200,6 +232,8 @@ def main():
     finally:
         if conn is not None:
             conn.close()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
 
     before = sorted(m["tag"] for m in plan["migrations"] if m["status"] == "applied")
     result = dict(
