@@ -1,0 +1,292 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: slipway developers
+# MIT License
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: app_release
+short_description: Install an app release Ansistrano-style and switch the current link atomically
+version_added: "0.3.0"
+description:
+  - Installs a release archive as C(<app_dir>/releases/<release>) (unpacked into a hidden temporary
+    directory, shared paths linked, C(npm ci) run, then renamed into place, so a half-installed release
+    never has its final name), points C(<app_dir>/current) at it with an atomic rename of a new symlink,
+    and keeps the newest I(keep) releases (never the current or the previous one).
+  - A release is installed when its directory holds C(.slipway-built) naming it; the same release again
+    changes nothing.
+  - C(state=switched) points C(current) back at an already installed release (rollback).
+options:
+  app_dir:
+    description: The app's base directory (holds C(releases/), C(shared/), C(logs/), C(current)).
+    type: path
+    required: true
+  release:
+    description: Release id (directory name under C(releases/)); letters, digits, C(.), C(_), C(-).
+    type: str
+    required: true
+  archive:
+    description: A C(.tar.gz) of the app on the managed host; needed when the release is not installed yet. Removed after install.
+    type: path
+  shared:
+    description: Links made inside the release, name -> target (relative to the release directory).
+    type: dict
+    default: {".env": "../../shared/.env", "logs": "../../logs"}
+  npm_command:
+    description: Command run in the new release before it is renamed into place (argv list); empty to skip.
+    type: list
+    elements: str
+    default: [npm, ci, --omit=dev, --no-audit, --no-fund, --loglevel=error]
+  keep:
+    description: Releases to keep (the current and the previous one are always kept).
+    type: int
+    default: 5
+  state:
+    description: C(present) installs (if needed) and switches; C(switched) only switches to an installed release.
+    type: str
+    choices: [present, switched]
+    default: present
+author:
+  - slipway developers
+notes:
+  - Supports check mode (predicts install, switch and pruning) and diff mode (the current link before/after).
+"""
+
+EXAMPLES = r"""
+- name: Install and switch to the release
+  slipway.core.app_release:
+    app_dir: /srv/app
+    release: r311a8fb8289c
+    archive: /srv/app/.slipway/incoming/r311a8fb8289c.tar.gz
+  register: release
+
+- name: Switch back to the previous release
+  slipway.core.app_release:
+    app_dir: /srv/app
+    release: "{{ release.previous }}"
+    state: switched
+"""
+
+RETURN = r"""
+release:
+  description: The release C(current) points at after the run.
+  returned: always
+  type: str
+previous:
+  description: The release C(current) pointed at before the run (null when there was none).
+  returned: always
+  type: str
+installed:
+  description: Whether the release was installed by this run.
+  returned: always
+  type: bool
+switched:
+  description: Whether C(current) was changed by this run.
+  returned: always
+  type: bool
+pruned:
+  description: Releases removed by retention.
+  returned: always
+  type: list
+  elements: str
+releases:
+  description: Installed releases after the run, newest first.
+  returned: always
+  type: list
+  elements: str
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
+
+MARKER = ".slipway-built"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def installed(releases_dir, rid):
+    try:
+        with open(os.path.join(releases_dir, rid, MARKER)) as handle:
+            return handle.read().strip() == rid
+    except OSError:
+        return False
+
+
+def current_release(app_dir):
+    link = os.path.join(app_dir, "current")
+    if not os.path.islink(link):
+        return None
+    return os.path.basename(os.readlink(link).rstrip("/"))
+
+
+def installed_releases(releases_dir):
+    """Installed releases, newest first (by the time their marker was written)."""
+    found = []
+    for name in os.listdir(releases_dir) if os.path.isdir(releases_dir) else []:
+        if name.startswith(".") or not installed(releases_dir, name):
+            continue
+        found.append((os.path.getmtime(os.path.join(releases_dir, name, MARKER)), name))
+    return [name for _, name in sorted(found, reverse=True)]
+
+
+def switch(app_dir, rid):
+    """Point current at releases/<rid>: a new symlink renamed over the old one (atomic)."""
+    link = os.path.join(app_dir, "current")
+    tmp = os.path.join(app_dir, ".current.%d.tmp" % os.getpid())
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink("releases/" + rid, tmp)
+    os.rename(tmp, link)
+
+
+def safe_extract(archive, dest):
+    """Extract regular files and directories only, each inside ``dest`` (this Python may predate
+    tarfile's extraction filters): no links, devices, absolute paths or ``..``."""
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            path = os.path.normpath(os.path.join(dest, member.name))
+            if not path.startswith(dest + os.sep) or not (member.isfile() or member.isdir()):
+                raise RuntimeError("archive member %r is not a plain file inside the release; refusing the archive" % member.name)
+            if member.isdir():
+                if not os.path.isdir(path):
+                    os.makedirs(path, 0o755)
+                continue
+            parent = os.path.dirname(path)
+            if not os.path.isdir(parent):
+                os.makedirs(parent, 0o755)
+            source = tar.extractfile(member)
+            with open(path, "wb") as handle:
+                shutil.copyfileobj(source, handle)
+            os.chmod(path, 0o755 if member.mode & 0o111 else 0o644)
+
+
+def install(module, app_dir, rid, archive):
+    releases_dir = os.path.join(app_dir, "releases")
+    final = os.path.join(releases_dir, rid)
+    if os.path.lexists(final):
+        # an incomplete directory under the final name (made by hand or by an old tool): keep it aside
+        aside = os.path.join(releases_dir, ".%s.incomplete.%d" % (rid, int(time.time())))
+        os.rename(final, aside)
+    tmp = os.path.join(releases_dir, ".%s.tmp" % rid)
+    if os.path.lexists(tmp):
+        shutil.rmtree(tmp)
+    os.mkdir(tmp, 0o755)
+    try:
+        safe_extract(archive, tmp)
+        for name, target in module.params["shared"].items():
+            path = os.path.join(tmp, name)
+            if os.path.lexists(path):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            os.symlink(target, path)
+        cmd = module.params["npm_command"]
+        if cmd:
+            proc = subprocess.run(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  universal_newlines=True, timeout=900)
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                raise RuntimeError("%s failed in the new release (exit %d): %s" % (" ".join(cmd), proc.returncode,
+                                                                                   redact_text(" | ".join(tail))))
+        with open(os.path.join(tmp, MARKER), "w") as handle:
+            handle.write(rid + "\n")
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            app_dir=dict(type="path", required=True),
+            release=dict(type="str", required=True),
+            archive=dict(type="path"),
+            shared=dict(type="dict", default={".env": "../../shared/.env", "logs": "../../logs"}),
+            npm_command=dict(type="list", elements="str",
+                             default=["npm", "ci", "--omit=dev", "--no-audit", "--no-fund", "--loglevel=error"]),
+            keep=dict(type="int", default=5),
+            state=dict(type="str", default="present", choices=["present", "switched"]),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    app_dir, rid = p["app_dir"], p["release"]
+    releases_dir = os.path.join(app_dir, "releases")
+    if not _ID.match(rid):
+        module.fail_json(msg="release id %r is not a plain directory name; pass the id slipway printed (e.g. r311a8fb8289c)" % rid)
+    if p["keep"] < 2:
+        module.fail_json(msg="keep=%d would delete the previous release; use keep >= 2" % p["keep"])
+    if not os.path.isdir(app_dir):
+        module.fail_json(msg="app_dir %s does not exist; create it (with releases/, shared/.env and logs/) first" % app_dir)
+
+    previous = current_release(app_dir)
+    have = installed(releases_dir, rid)
+    result = dict(changed=False, release=rid, previous=previous, installed=False, switched=False, pruned=[])
+
+    if p["state"] == "switched":
+        if not have:
+            module.fail_json(msg="release %s is not installed in %s; installed: %s" % (
+                rid, releases_dir, ", ".join(installed_releases(releases_dir)) or "none"), **result)
+    elif not have:
+        if not module.check_mode and not (p["archive"] and os.path.isfile(p["archive"])):
+            module.fail_json(msg="release %s is not installed and its archive %s is missing; ship the archive first" % (
+                rid, p["archive"]), **result)
+        result["installed"] = True
+    if previous != rid:
+        result["switched"] = True
+
+    if not module.check_mode:
+        try:
+            for sub, mode in (("releases", 0o755), ("shared", 0o750), ("logs", 0o750)):
+                path = os.path.join(app_dir, sub)
+                if not os.path.isdir(path):
+                    os.mkdir(path, mode)
+            if result["installed"]:
+                install(module, app_dir, rid, p["archive"])
+            if result["switched"]:
+                switch(app_dir, rid)
+            if p["archive"] and os.path.isfile(p["archive"]) and installed(releases_dir, rid):
+                os.unlink(p["archive"])
+        except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+            module.fail_json(msg="release %s: %s" % (rid, redact_text(str(exc))), **result)
+
+    # retention: newest `keep`, plus whatever current and previous point at
+    listed = installed_releases(releases_dir)
+    if result["installed"] and rid not in listed:
+        listed.insert(0, rid)  # check mode: the release that would be installed
+    protect = {rid, previous}
+    keepers = [r for r in listed if r in protect]
+    for name in listed:
+        if len(keepers) >= p["keep"]:
+            break
+        if name not in keepers:
+            keepers.append(name)
+    doomed = [r for r in listed if r not in keepers]
+    if not module.check_mode:
+        for name in doomed:
+            shutil.rmtree(os.path.join(releases_dir, name), ignore_errors=True)
+        # leftovers of interrupted installs (never a complete release)
+        for name in os.listdir(releases_dir):
+            if name.startswith(".") and name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(releases_dir, name), ignore_errors=True)
+    result["pruned"] = doomed
+    result["releases"] = [r for r in listed if r not in doomed]
+    result["changed"] = bool(result["installed"] or result["switched"] or doomed)
+    if module._diff:
+        result["diff"] = {"before": {"current": previous}, "after": {"current": rid}}
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
