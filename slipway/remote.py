@@ -1,0 +1,506 @@
+"""Ad-hoc SSH to inventory hosts (Fabric/paramiko) and the per-host deploy lock.
+
+Connection settings come from the same Ansible inventory the playbooks use (``ansible_host``,
+``ansible_port``, ``ansible_user``, ``ansible_ssh_private_key_file`` and the ``UserKnownHostsFile``
+named in ``ansible_ssh_common_args``/``ansible_ssh_extra_args``). Vault-encrypted vars files are
+skipped, never decrypted: connection vars need no secrets. Host keys are always checked
+(paramiko ``RejectPolicy`` against that known_hosts file); no ssh config, no agent, no default keys.
+
+The deploy lock (``DeployLock``) is one ``flock`` per host on
+``{{ slipway_app_dir }}/.slipway/deploy.lock``, held for the whole deploy by a small shell keeper
+on the host that lives as long as the controller's SSH channel (heartbeat ``HB`` every 10 s;
+``RELEASE`` ends it and removes the metadata ``deploy.lock.json``). A controller that dies leaves
+the metadata behind with the lock free: the next run takes the lock over and reports it as stale.
+"""
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import shlex
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+
+from .errors import SlipwayError
+from .paths import ROOT, import_module_utils
+
+import_module_utils()
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text  # noqa: E402
+
+CONNECT_TIMEOUT = 10
+HEARTBEAT_SECONDS = 10
+KEEPER_SILENCE_SECONDS = 60
+RELEASE_TIMEOUT = 10
+LOCK_HELD_EXIT = 75  # flock -E: "another run holds the lock" (EX_TEMPFAIL)
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+
+
+# --------------------------------------------------------------------------------------------
+# Inventory → connection parameters
+# --------------------------------------------------------------------------------------------
+def _loader():
+    """A DataLoader that skips whole-file vault-encrypted vars files instead of decrypting them
+    (``host_vars/<h>/vault.yml``), so no vault password is needed to read connection vars."""
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.parsing.vault import is_encrypted_file
+
+    class _NoVaultLoader(DataLoader):
+        def load_from_file(self, file_name, *args, **kwargs):
+            path = self.path_dwim(file_name)
+            try:
+                with open(path, "rb") as handle:
+                    if is_encrypted_file(handle):
+                        return {}
+            except OSError:
+                pass
+            return super().load_from_file(file_name, *args, **kwargs)
+
+    return _NoVaultLoader()
+
+
+def host_vars(host: str) -> dict:
+    """The inventory variables of ``host`` (host and group vars, vault files skipped), untemplated.
+
+    Raises a one-line SlipwayError when there is no inventory or no such host."""
+    from ansible.inventory.manager import InventoryManager
+    from ansible.vars.manager import VariableManager
+
+    from .runner import inventories
+
+    os.environ.setdefault("ANSIBLE_CONFIG", str(ROOT / "ansible.cfg"))
+    sources = inventories()
+    if not sources:
+        raise SlipwayError("no inventory: add inventory/<env>.yml (see examples/inventory/prod.yml) or run `invoke sandbox.up`")
+    loader = _loader()
+    manager = InventoryManager(loader=loader, sources=sources)
+    entry = manager.get_host(host)
+    if entry is None:
+        names = ", ".join(sorted(manager.hosts)) or "none"
+        raise SlipwayError(f"no host named {host!r} in the inventory (hosts: {names}); pass an inventory host name")
+    variables = VariableManager(loader=loader, inventory=manager).get_vars(host=entry, include_hostvars=False)
+    return _Templated(loader, variables)
+
+
+class _Templated(dict):
+    """Host vars whose ``get``/``[]`` render Jinja templates (``ansible_host: "{{ ... }}"``)."""
+
+    def __init__(self, loader, variables):
+        super().__init__(variables)
+        self._loader = loader
+
+    def render(self, key, default=None):
+        if key not in self:
+            return default
+        value = dict.__getitem__(self, key)
+        if isinstance(value, str) and ("{{" in value or "{%" in value):
+            from ansible.template import Templar
+
+            try:
+                value = Templar(loader=self._loader, variables=dict(self)).template(value)
+            except Exception as exc:  # AnsibleError subclasses; the message names the variable
+                raise SlipwayError(f"cannot render inventory variable {key} ({type(exc).__name__}); "
+                                   "connection variables must not depend on vault secrets") from None
+        return value
+
+
+def _known_hosts_files(args: list[str]) -> list[str]:
+    """The ``UserKnownHostsFile`` value(s) named by ``-o`` options in ssh argument strings."""
+    found: list[str] = []
+    for raw in args:
+        if not raw:
+            continue
+        words = shlex.split(str(raw))
+        options = []
+        for i, word in enumerate(words):
+            if word == "-o" and i + 1 < len(words):
+                options.append(words[i + 1])
+            elif word.startswith("-o") and len(word) > 2:
+                options.append(word[2:])
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep:
+                key, _, value = option.strip().partition(" ")
+            if key.strip().lower() == "userknownhostsfile" and value.strip():
+                found += value.split()
+    return found
+
+
+def ssh_params(host: str) -> dict:
+    """Connection settings of inventory host ``host``: hostname, port, user, key_filename,
+    known_hosts (path)."""
+    hv = host_vars(host)
+    hostname = hv.render("ansible_host") or hv.render("ansible_ssh_host") or host
+    try:
+        port = int(hv.render("ansible_port") or hv.render("ansible_ssh_port") or 22)
+    except (TypeError, ValueError):
+        raise SlipwayError(f"ansible_port of {host} is not a number; fix it in the inventory") from None
+    user = hv.render("ansible_user") or hv.render("ansible_ssh_user") or getpass.getuser()
+    key = hv.render("ansible_ssh_private_key_file") or hv.render("ansible_private_key_file")
+    files = _known_hosts_files([hv.render("ansible_ssh_common_args"), hv.render("ansible_ssh_extra_args"),
+                                hv.render("ansible_ssh_args")])
+    known = [os.path.expanduser(f) for f in files] or [os.path.expanduser(DEFAULT_KNOWN_HOSTS)]
+    return {
+        "host": host,
+        "hostname": str(hostname),
+        "port": port,
+        "user": str(user),
+        "key_filename": os.path.expanduser(str(key)) if key else None,
+        "known_hosts": known[0],
+        "known_hosts_files": known,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Connections
+# --------------------------------------------------------------------------------------------
+def connect(host: str, params: dict | None = None):
+    """An open ``fabric.Connection`` to inventory host ``host`` with the host key checked.
+
+    Unknown or changed host key, unreachable host, failed authentication: a one-line SlipwayError
+    naming the cause and the fix."""
+    import paramiko
+    from fabric import Config, Connection
+
+    p = params or ssh_params(host)
+    addr, port, known = p["hostname"], p["port"], p["known_hosts"]
+    keyscan = f"ssh-keyscan -p {port} {addr} >> {known}"
+    connect_kwargs = {"allow_agent": False, "look_for_keys": False, "banner_timeout": CONNECT_TIMEOUT,
+                      "auth_timeout": CONNECT_TIMEOUT}
+    if p.get("key_filename"):
+        if not os.path.isfile(p["key_filename"]):
+            raise SlipwayError(f"the ssh key {p['key_filename']} of {host} does not exist; fix ansible_ssh_private_key_file in the inventory")
+        connect_kwargs["key_filename"] = p["key_filename"]
+    # no ssh_config, no fabric/invoke config files: the inventory is the only source
+    config = Config(ssh_config=paramiko.SSHConfig(), lazy=True)
+    conn = Connection(addr, user=p["user"], port=port, connect_timeout=CONNECT_TIMEOUT,
+                      connect_kwargs=connect_kwargs, config=config)
+    conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    loaded = 0
+    for path in p.get("known_hosts_files") or [known]:
+        if os.path.isfile(path):
+            conn.client.load_system_host_keys(path)  # read-only: never written back
+            loaded += 1
+    if not loaded:
+        raise SlipwayError(f"host key of {host} ({addr}:{port}) is not in {known} (the file does not exist); "
+                           f"add it with {keyscan} after verifying it")
+    try:
+        conn.open()
+    except paramiko.BadHostKeyException:
+        conn.close()
+        raise SlipwayError(f"host key of {host} ({addr}:{port}) is not in {known} (it holds a different key for "
+                           f"that address: the host was re-keyed or is being impersonated); verify the new key, then "
+                           f"replace that line with the output of ssh-keyscan -p {port} {addr}") from None
+    except paramiko.SSHException as exc:
+        conn.close()
+        if "not found in known_hosts" in str(exc):
+            raise SlipwayError(f"host key of {host} ({addr}:{port}) is not in {known}; "
+                               f"add it with {keyscan} after verifying it") from None
+        if isinstance(exc, paramiko.AuthenticationException):
+            raise SlipwayError(f"ssh login as {p['user']}@{addr}:{port} ({host}) was refused with key "
+                               f"{p.get('key_filename') or '(none)'}; put its public key in ~{p['user']}/.ssh/authorized_keys "
+                               "there or fix ansible_user/ansible_ssh_private_key_file") from None
+        raise SlipwayError(f"cannot reach {host} at {addr}:{port} ({_one_line(exc)}); check that sshd runs there "
+                           "and the inventory's ansible_host/ansible_port") from None
+    except (OSError, EOFError) as exc:  # refused, timeout, no route, NoValidConnectionsError
+        conn.close()
+        cause = "timed out" if isinstance(exc, (socket.timeout, TimeoutError)) else _one_line(exc)
+        raise SlipwayError(f"cannot reach {host} at {addr}:{port} ({cause}); check that sshd runs there "
+                           "and the inventory's ansible_host/ansible_port") from None
+    return conn
+
+
+def _one_line(exc: BaseException) -> str:
+    text = redact_text(str(exc)).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def run(conn, cmd: str, **kwargs):
+    """``conn.run`` guarded: never raises on a non-zero exit (``warn=True``; check ``.failed``),
+    prints nothing (``hide=True``), reads no stdin. Never put a secret on ``cmd``: pass it in
+    ``env=`` or ``in_stream=``; callers print only redacted output."""
+    kwargs.setdefault("warn", True)
+    kwargs.setdefault("hide", True)
+    kwargs.setdefault("in_stream", False)
+    return conn.run(cmd, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The deploy lock
+# --------------------------------------------------------------------------------------------
+class LockHeld(SlipwayError):
+    """Another live run holds the deploy lock of a host (CLI exit 4)."""
+
+    def __init__(self, host: str, meta: dict):
+        started = meta.get("started", "an unknown time")
+        pid = meta.get("pid", "unknown")
+        message = f"deploy already running on {host} since {started} (pid {pid})"
+        controller = meta.get("controller")
+        if controller and controller != socket.gethostname():
+            message += f" on {controller}"
+        super().__init__(message, exit_code=4)
+        self.host = host
+        self.meta = meta
+
+
+# Runs under `flock -n -E 75 <lock> bash -c KEEPER slipway-deploy-lock <meta> <json> <silence>`
+# while the lock is held: EOF on stdin (the controller died) or <silence> seconds without a line
+# end it and leave the metadata behind (= stale); RELEASE removes the metadata first.
+# POSIX sh apart from `read -t` (bash, ksh and busybox ash have it; dash does not: hence bash).
+KEEPER = """\
+meta=$1
+tmp="$meta.tmp.$$"
+umask 077
+if [ -e "$meta" ]; then printf 'STALE %s\\n' "$(tr -d '\\n' < "$meta")"; fi
+if ! { printf '%s\\n' "$2" > "$tmp" && chmod 0600 "$tmp" && mv -f "$tmp" "$meta"; }; then
+  rm -f "$tmp"; echo "ERROR cannot write $meta"; exit 70
+fi
+echo ACQUIRED
+while read -r -t "$3" line; do
+  case $line in RELEASE) rm -f "$meta"; echo RELEASED; exit 0;; esac
+done
+exit 0
+"""
+
+
+def lock_paths(app_dir: str) -> tuple[str, str, str]:
+    """(dir, lock file, metadata file) of the deploy lock under ``app_dir``."""
+    directory = app_dir.rstrip("/") + "/.slipway"
+    return directory, directory + "/deploy.lock", directory + "/deploy.lock.json"
+
+
+def _app_dir(host: str, hv=None) -> str:
+    hv = hv if hv is not None else host_vars(host)
+    app_dir = hv.render("slipway_app_dir")
+    if not app_dir:
+        raise SlipwayError(f"{host} has no slipway_app_dir in the inventory; set it (see examples/inventory/prod.yml)")
+    return str(app_dir)
+
+
+def _parse_meta(text: str) -> dict:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {"unreadable": redact_text(text.strip())[:200]}
+    return data if isinstance(data, dict) else {"unreadable": str(data)[:200]}
+
+
+def lock_state(host: str, conn=None, app_dir: str | None = None) -> dict:
+    """Read-only look at ``host``'s deploy lock: {"held": bool, "meta": dict|None, "stale": bool}
+    (``stale``: metadata left by a run that ended without releasing; the lock is free)."""
+    app_dir = app_dir or _app_dir(host)
+    _, lock, meta = lock_paths(app_dir)
+    own = conn is None
+    conn = conn or connect(host)
+    try:
+        # no lock file: nothing holds it (and we do not create one); flock -n on it fails while held
+        probe = (f"if [ ! -e {shlex.quote(lock)} ]; then echo FREE; elif flock -n {shlex.quote(lock)} true; "
+                 f"then echo FREE; else echo HELD; fi; cat {shlex.quote(meta)} 2>/dev/null || true")
+        result = run(conn, probe)
+    finally:
+        if own:
+            conn.close()
+    if result.failed:
+        raise SlipwayError(f"cannot read the deploy lock on {host} (exit {result.exited}): {_one_line(Exception(result.stderr))}")
+    first, _, rest = result.stdout.partition("\n")
+    held = first.strip() == "HELD"
+    data = _parse_meta(rest) if rest.strip() else None
+    return {"held": held, "meta": data, "stale": bool(data) and not held}
+
+
+def held_by(host: str, conn=None, app_dir: str | None = None) -> dict | None:
+    """The metadata of the run holding ``host``'s deploy lock ({} if unreadable), None when free."""
+    state = lock_state(host, conn=conn, app_dir=app_dir)
+    return (state["meta"] or {}) if state["held"] else None
+
+
+class DeployLock:
+    """The deploy lock of one host, held through a persistent SSH channel; context manager.
+
+    After ``acquire()``: ``stale`` is the metadata of a dead run whose lock was taken over (or
+    None), ``meta`` is this run's metadata. ``lost`` turns True if the channel broke while held."""
+
+    def __init__(self, host: str, run_id: str, command: str = "", app_dir: str | None = None,
+                 params: dict | None = None, heartbeat: float = HEARTBEAT_SECONDS,
+                 silence: int = KEEPER_SILENCE_SECONDS):
+        self.host = host
+        self.run_id = run_id
+        self.command = command
+        self._app_dir = app_dir
+        self._params = params
+        self.heartbeat = heartbeat
+        self.silence = int(silence)
+        self.conn = None
+        self.channel = None
+        self.meta: dict | None = None
+        self.stale: dict | None = None
+        self.lost = False
+        self._send_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def app_dir(self) -> str:
+        if self._app_dir is None:
+            self._app_dir = _app_dir(self.host)
+        return self._app_dir
+
+    @property
+    def paths(self) -> tuple[str, str, str]:
+        return lock_paths(self.app_dir)
+
+    @property
+    def held(self) -> bool:
+        return self.channel is not None and not self.lost and not self.channel.exit_status_ready()
+
+    @property
+    def stale_message(self) -> str | None:
+        if not self.stale:
+            return None
+        return (f"took over a stale deploy lock left by pid {self.stale.get('pid', 'unknown')} since "
+                f"{self.stale.get('started', 'an unknown time')} (its run ended without releasing)")
+
+    # -- acquire / release -------------------------------------------------------------------
+    def _command(self, meta: dict) -> str:
+        directory, lock, meta_file = self.paths
+        q = shlex.quote
+        return (f"mkdir -p -m 0700 {q(directory)} && umask 077 && "
+                f"exec flock -n -E {LOCK_HELD_EXIT} {q(lock)} bash -c {q(KEEPER)} slipway-deploy-lock "
+                f"{q(meta_file)} {q(json.dumps(meta, sort_keys=True))} {self.silence}")
+
+    def acquire(self) -> DeployLock:
+        if self.channel is not None:
+            raise SlipwayError(f"the deploy lock of {self.host} is already held by this run")
+        self.conn = connect(self.host, self._params)
+        try:
+            for attempt in range(10):
+                if self._try_acquire():
+                    break
+                info = lock_state(self.host, conn=self.conn, app_dir=self.app_dir)
+                # held, or freed in between (a read-only probe or a release racing us): try again;
+                # metadata missing while held = the holder is writing it right now
+                if info["held"] and info["meta"]:
+                    raise LockHeld(self.host, info["meta"])
+                time.sleep(0.2)
+            else:
+                raise LockHeld(self.host, (held_by(self.host, conn=self.conn, app_dir=self.app_dir) or {}))
+        except BaseException:
+            self._close()
+            raise
+        self._stop.clear()
+        self._heartbeat = threading.Thread(target=self._beat, name=f"deploy-lock-{self.host}", daemon=True)
+        self._heartbeat.start()
+        return self
+
+    def _try_acquire(self) -> bool:
+        """One attempt: True when held (self.channel open), False when another process holds it."""
+        meta = {
+            "run_id": self.run_id,
+            "pid": os.getpid(),
+            "controller": socket.gethostname(),
+            "user": getpass.getuser(),
+            "started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": self.command,
+        }
+        chan = self.conn.transport.open_session(timeout=CONNECT_TIMEOUT)
+        chan.settimeout(CONNECT_TIMEOUT + 5)
+        chan.exec_command(self._command(meta))
+        out = chan.makefile("r")
+        stale = None
+        try:
+            while True:
+                line = out.readline()
+                if not line:
+                    break
+                line = line.rstrip("\n")
+                if line.startswith("STALE "):
+                    stale = _parse_meta(line[len("STALE "):])
+                elif line == "ACQUIRED":
+                    chan.settimeout(None)
+                    self.channel, self.meta, self.stale = chan, meta, stale
+                    return True
+        except TimeoutError:  # socket.timeout
+            chan.close()
+            raise SlipwayError(f"the deploy lock keeper on {self.host} did not answer in {CONNECT_TIMEOUT + 5}s; "
+                               "check the host's load and that flock(1) and bash are installed") from None
+        chan.status_event.wait(RELEASE_TIMEOUT)
+        status = chan.exit_status if chan.exit_status_ready() else -1
+        err = chan.makefile_stderr("r").read()
+        chan.close()
+        if status == LOCK_HELD_EXIT:
+            return False
+        detail = _one_line(Exception(err.decode(errors="replace") if isinstance(err, bytes) else err)) if err else "no output"
+        raise SlipwayError(f"cannot take the deploy lock {self.paths[1]} on {self.host} (exit {status}: {detail}); "
+                           "the deploy user needs write access to slipway_app_dir, and flock(1) and bash on the host")
+
+    def _send(self, data: bytes) -> bool:
+        with self._send_lock:
+            chan = self.channel
+            if chan is None or chan.closed:
+                return False
+            try:
+                chan.sendall(data)
+                return True
+            except Exception:  # paramiko SSHException, socket errors, EOFError
+                return False
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            chan = self.channel
+            if chan is None:
+                return
+            if chan.exit_status_ready() or not self._send(b"HB\n"):
+                self.lost = True
+                return
+
+    def release(self) -> None:
+        """Release the lock (removes the metadata on the host) and close the connection. Idempotent."""
+        self._stop.set()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=RELEASE_TIMEOUT)
+        self._heartbeat = None
+        chan = self.channel
+        try:
+            if chan is not None and not chan.exit_status_ready():
+                if self._send(b"RELEASE\n"):
+                    with contextlib.suppress(Exception):
+                        chan.shutdown_write()
+                chan.status_event.wait(RELEASE_TIMEOUT)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        with self._send_lock:
+            chan, self.channel = self.channel, None
+        if chan is not None:
+            with contextlib.suppress(Exception):
+                chan.close()
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+    def __enter__(self) -> DeployLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def lock_hosts(hosts: list[str], run_id: str, command: str = ""):
+    """Hold the deploy lock of every host in ``hosts`` (taken in sorted order, so two runs over
+    overlapping hosts cannot deadlock); yields the list of DeployLock in that order (each has
+    ``.host``, ``.stale``, ``.stale_message``). If one is held by another run, the ones already
+    taken are released and LockHeld is raised."""
+    taken: list[DeployLock] = []
+    try:
+        for host in sorted(set(hosts)):
+            taken.append(DeployLock(host, run_id, command).acquire())
+        yield taken
+    finally:
+        for lock in reversed(taken):
+            lock.release()
