@@ -1,0 +1,547 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: slipway developers
+# MIT License
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: app_smoke
+short_description: Smoke-test the reader app with the incident runbook's test cases
+version_added: "0.3.0"
+description:
+  - Runs, on the target host, the health check and the incident runbook's four test cases against
+    the app's HTTP API on one dedicated smoke book, then any I(extra_checks).
+  - C(health) - GET I(health_path) answers 200 with C(status=ok) (and C(release=I(expect_release)) when set).
+  - C(first view creates the row) - with I(reset), the smoke book's statistics rows are deleted first
+    (only that book's); one POST of the first view type answers 200, the app's stats show 1 and the table holds
+    exactly one row for (book, view type). Without I(reset) a +1 delta is asserted instead.
+  - C(second view increments) - a second POST answers 200, the count is +1, still one row.
+  - C(other view type has its own row) - a POST of the second view type answers 200, its count is +1,
+    the first type's count is unchanged, one row for (book, second type).
+  - C(N concurrent views) - I(concurrency) simultaneous POSTs of the first type (threads released
+    together by a barrier) all answer 200, the count is +N exactly, still one row.
+  - The first failing case stops the run; the cases after it are reported as not run (C(ok=null)).
+  - Row counts and the reset use the C(psql) client (PGPASSWORD in the child's environment only);
+    they are skipped when I(login_db) is not set.
+  - The writes touch only the smoke book's statistics, so the module never reports a change.
+options:
+  url:
+    description: Base URL of the app, e.g. C(http://127.0.0.1:3000).
+    type: str
+    required: true
+  token:
+    description: The app's API token, sent in the C(Authorization) header as a Bearer token.
+    type: str
+    required: true
+  book_id:
+    description: Id (UUID) of an existing book reserved for smoke tests.
+    type: str
+    required: true
+  view_types:
+    description: Two distinct view types; the first is tracked by cases 1, 2 and 4, the second by case 3.
+    type: list
+    elements: str
+    default: [card_view, reader_open]
+  concurrency:
+    description: Number of simultaneous requests of case 4.
+    type: int
+    default: 20
+  timeout:
+    description: Seconds to wait for each HTTP request.
+    type: float
+    default: 10
+  reset:
+    description: Delete the smoke book's statistics rows before case 1, so exact counts are asserted.
+    type: bool
+    default: true
+  login_host:
+    description: Database host (for the reset and the row counts).
+    type: str
+  login_port:
+    description: Database port.
+    type: int
+    default: 5432
+  login_user:
+    description: Database role.
+    type: str
+  login_password:
+    description: Password of I(login_user).
+    type: str
+  login_db:
+    description: Database name; without it the reset and row counts are not done (I(reset) must then be false).
+    type: str
+  psql_bin:
+    description: The psql executable.
+    type: str
+    default: psql
+  health_path:
+    description: Path of the health endpoint.
+    type: str
+    default: /api/health
+  expect_release:
+    description: When set, the health endpoint's C(release) must equal it.
+    type: str
+  extra_checks:
+    description: More HTTP checks, run after the four cases.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      name:
+        description: Name of the check in the results.
+        type: str
+        required: true
+      method:
+        description: HTTP method.
+        type: str
+        default: GET
+      path:
+        description: Path under I(url).
+        type: str
+        required: true
+      status:
+        description: Expected HTTP status.
+        type: int
+        default: 200
+      json:
+        description: Expected values of the JSON response by dotted field path (C(stats.card_view)).
+        type: dict
+      body:
+        description: A JSON body to send.
+        type: dict
+      auth:
+        description: Send the bearer token.
+        type: bool
+        default: true
+author:
+  - slipway developers
+notes:
+  - Check mode runs nothing and returns C(ok=true) with no cases.
+  - Python standard library only (urllib and threads); runs with the target's system Python.
+"""
+
+EXAMPLES = r"""
+- name: Smoke-test the app on the smoke book
+  slipway.core.app_smoke:
+    url: http://127.0.0.1:3000
+    token: "{{ slipway_api_token }}"
+    book_id: "{{ slipway_smoke_book_id }}"
+    login_host: 127.0.0.1
+    login_port: 5432
+    login_user: booksuser
+    login_password: "{{ slipway_db_password }}"
+    login_db: booksdb
+    extra_checks:
+      - name: stats endpoint answers for the smoke book
+        path: "/api/books/{{ slipway_smoke_book_id }}/stats"
+        json: {bookId: "{{ slipway_smoke_book_id }}"}
+  register: smoke
+"""
+
+RETURN = r"""
+ok:
+  description: Whether every case passed.
+  returned: always
+  type: bool
+summary:
+  description: Count of passed cases, e.g. C(5/5 passed).
+  returned: always
+  type: str
+  sample: 5/5 passed
+cases:
+  description: One dict per case in order (name, ok, expected, got, seconds); C(ok) is null for cases not run.
+  returned: always
+  type: list
+  elements: dict
+stats:
+  description: The app's stats of the smoke book after the run.
+  returned: when the cases ran
+  type: dict
+"""
+
+import json
+import re
+import threading
+import time
+from urllib.error import HTTPError, URLError
+from urllib.request import ProxyHandler, Request, build_opener
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
+
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+MISSING = "<missing>"
+BODY_CHARS = 200
+
+
+class Unreachable(Exception):
+    """The app could not be reached at all (refused, timed out, DNS...)."""
+
+
+class Abort(Exception):
+    """A one-line failure that stops the run (missing book, rejected token, psql error); ``got``
+    is what the case saw, for its row in the results."""
+
+    def __init__(self, msg, got=None):
+        super(Abort, self).__init__(msg)
+        self.got = got
+
+
+class Smoke(object):
+    def __init__(self, module):
+        self.module = module
+        p = module.params
+        self.p = p
+        self.base = p["url"].rstrip("/")
+        self.secrets = [s for s in (p["token"], p["login_password"]) if s]
+        self.opener = build_opener(ProxyHandler({}))  # the app is local to the host: never via a proxy
+        self.book = p["book_id"]
+        self.cases = []
+
+    # -- output hygiene ---------------------------------------------------------------------
+    def clean(self, text):
+        return redact_text(text, known=self.secrets)
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    def http(self, method, path, body=None, auth=True):
+        """(status, parsed JSON or None, text) of one request; Unreachable when no answer came."""
+        url = self.base + path
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        req = Request(url, data=data, method=method.upper())
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if auth:
+            req.add_header("Authorization", "Bearer " + self.p["token"])
+        try:
+            resp = self.opener.open(req, timeout=self.p["timeout"])
+            try:
+                status, raw = resp.getcode(), resp.read()
+            finally:
+                resp.close()
+        except HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        except URLError as exc:
+            raise Unreachable("%s %s: %s" % (method.upper(), url, getattr(exc.reason, "strerror", None) or exc.reason))
+        except Exception as exc:  # noqa: BLE001 - timeouts, resets: one line, no traceback
+            raise Unreachable("%s %s: %s" % (method.upper(), url, exc or type(exc).__name__))
+        text = raw.decode("utf-8", "replace")
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        return status, doc, text
+
+    def show(self, status, text):
+        text = " ".join(text.split())
+        if len(text) > BODY_CHARS:
+            text = text[:BODY_CHARS] + "..."
+        return self.clean("HTTP %s %s" % (status, text)).strip()
+
+    def track(self, view_type):
+        status, _, text = self.http("POST", "/api/books/%s/track-view" % self.book, {"viewType": view_type})
+        if status == 404:
+            raise Abort("smoke book %s does not exist in the database (the app answers 404 to track-view); "
+                        "set slipway_smoke_book_id to an existing book" % self.book, self.show(status, text))
+        if status == 401:
+            raise Abort("the app at %s rejected the API token (HTTP 401); set slipway_api_token to the app's API_TOKEN"
+                        % self.base, self.show(status, text))
+        return status, text
+
+    def stats(self):
+        status, doc, text = self.http("GET", "/api/books/%s/stats" % self.book)
+        if status != 200 or not isinstance(doc, dict) or not isinstance(doc.get("stats"), dict):
+            return None, self.show(status, text)
+        return doc["stats"], None
+
+    # -- psql ---------------------------------------------------------------------------------
+    @property
+    def has_db(self):
+        return bool(self.p["login_db"])
+
+    def psql(self, sql, **variables):
+        """Run ``sql`` (psql variables :'name' for values) and return stdout rows split on tabs."""
+        p = self.p
+        cmd = [self.module.get_bin_path(p["psql_bin"], required=True), "-X", "-q", "-A", "-t", "-F", "\t",
+               "-v", "ON_ERROR_STOP=1", "-d", p["login_db"]]
+        if p["login_host"]:
+            cmd += ["-h", p["login_host"]]
+        if p["login_port"]:
+            cmd += ["-p", str(p["login_port"])]
+        if p["login_user"]:
+            cmd += ["-U", p["login_user"]]
+        for name, value in sorted(variables.items()):
+            cmd += ["-v", "%s=%s" % (name, value)]
+        env = {"PGCONNECT_TIMEOUT": str(int(max(1, p["timeout"]))), "PGAPPNAME": "slipway-smoke"}
+        if p["login_password"]:
+            env["PGPASSWORD"] = p["login_password"]
+        rc, out, err = self.module.run_command(cmd, data=sql, environ_update=env)
+        if rc != 0:
+            lines = self.clean(err or out).strip().splitlines() or ["rc=%d" % rc]
+            raise Abort("psql failed on %s:%s/%s: %s" % (p["login_host"] or "local socket", p["login_port"],
+                                                         p["login_db"], lines[0]))
+        return [line.split("\t") for line in out.splitlines() if line.strip()]
+
+    def rows(self):
+        """Statistics rows of the smoke book per view type (None when the database is not configured)."""
+        if not self.has_db:
+            return None
+        found = self.psql("SELECT view_type, count(*) FROM book_view_statistics WHERE book_id = :'book' GROUP BY view_type;",
+                          book=self.book)
+        return dict((row[0], int(row[1])) for row in found if len(row) == 2)
+
+    def reset(self):
+        self.psql("DELETE FROM book_view_statistics WHERE book_id = :'book';", book=self.book)
+
+    # -- cases --------------------------------------------------------------------------------
+    def record(self, name, started, expected, got):
+        ok = all(e == g for e, g in zip(expected, got)) and len(expected) == len(got)
+        case = dict(name=name, ok=ok, expected=self.clean("; ".join(str(e) for e in expected)),
+                    got=self.clean("; ".join(str(g) for g in got)), seconds=round(time.time() - started, 3))
+        self.cases.append(case)
+        return ok
+
+    def fail_post(self, name, started, expected, status, text):
+        case = dict(name=name, ok=False, expected="; ".join(str(e) for e in expected),
+                    got=self.show(status, text), seconds=round(time.time() - started, 3))
+        self.cases.append(case)
+        return False
+
+    def counts(self, view_types):
+        """Stats of ``view_types`` and their row counts, as printable parts, plus the raw stats."""
+        stats, problem = self.stats()
+        rows = self.rows()
+        parts = []
+        for vt in view_types:
+            parts.append("stats.%s = %s" % (vt, problem or stats.get(vt, MISSING)))
+        if rows is not None:
+            for vt in view_types:
+                parts.append("rows(%s) = %d" % (vt, rows.get(vt, 0)))
+        return parts, stats
+
+    def want(self, values, view_types):
+        parts = ["stats.%s = %s" % (vt, values[vt]) for vt in view_types]
+        if self.has_db:
+            parts += ["rows(%s) = 1" % vt for vt in view_types]
+        return parts
+
+    def case_health(self):
+        name, started = "health", time.time()
+        status, doc, text = self.http("GET", self.p["health_path"])
+        expected, got = ["HTTP 200", "status = ok"], ["HTTP %s" % status]
+        if status != 200 and not isinstance(doc, dict):
+            return self.fail_post(name, started, expected, status, text)
+        doc = doc if isinstance(doc, dict) else {}
+        got.append("status = %s" % doc.get("status", MISSING))
+        if self.p["expect_release"]:
+            expected.append("release = %s" % self.p["expect_release"])
+            got.append("release = %s" % doc.get("release", MISSING))
+        return self.record(name, started, expected, got)
+
+    def case_views(self, name, view_type, n, checked, reset=False):
+        """POST ``view_type`` n times at once; expect every answer 200, stats of ``view_type`` +n
+        (exactly 1 after a ``reset`` of the book's rows), the other ``checked`` types unchanged,
+        exactly one row each."""
+        started = time.time()
+        if reset:
+            self.reset()
+        before, problem = self.stats()
+        if before is None:
+            self.cases.append(dict(name=name, ok=False, expected="GET stats: HTTP 200 with stats", got=problem,
+                                   seconds=round(time.time() - started, 3)))
+            return False
+        after_want = dict((vt, int(before.get(vt, 0))) for vt in checked)
+        after_want[view_type] = 1 if reset else after_want[view_type] + n
+        expected = ["HTTP 200" + (" x%d" % n if n > 1 else "")] + self.want(after_want, checked)
+        if n == 1:
+            status, text = self.track(view_type)
+            if status != 200:
+                return self.fail_post(name, started, expected, status, text)
+            answers = "HTTP 200"
+        else:
+            answers = self.concurrent(view_type, n)
+        parts, _ = self.counts(checked)
+        return self.record(name, started, expected, [answers] + parts)
+
+    def concurrent(self, view_type, n):
+        barrier = threading.Barrier(n)
+        results = [None] * n
+
+        def worker(i):
+            try:
+                barrier.wait(timeout=self.p["timeout"])
+                results[i] = "HTTP %s" % self.track(view_type)[0]
+            except Abort as exc:
+                results[i] = str(exc)
+            except Unreachable as exc:
+                results[i] = "no answer (%s)" % exc
+            except Exception as exc:  # noqa: BLE001 - a thread reports, it does not die silently
+                results[i] = "%s: %s" % (type(exc).__name__, exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.daemon = True
+            t.start()
+        for t in threads:
+            t.join(self.p["timeout"] * 3 + 5)
+        tally = {}
+        for r in results:
+            tally[r or "no answer (thread still waiting)"] = tally.get(r or "no answer (thread still waiting)", 0) + 1
+        return ", ".join("%s x%d" % (k, v) for k, v in sorted(tally.items(), key=lambda kv: (kv[0] != "HTTP 200", kv[0])))
+
+    def extra(self, check):
+        started = time.time()
+        status, doc, text = self.http(check["method"] or "GET", check["path"], check.get("body"),
+                                      auth=check["auth"] is not False)
+        expected, got = ["HTTP %s" % check["status"]], ["HTTP %s" % status]
+        for field, value in sorted((check.get("json") or {}).items()):
+            expected.append("%s = %s" % (field, json.dumps(value)))
+            got.append("%s = %s" % (field, json.dumps(lookup(doc, field))))
+        ok = self.record(check["name"], started, expected, got)
+        if not ok and status != check["status"]:
+            self.cases[-1]["got"] = self.show(status, text)
+        return ok
+
+    # -- the run ------------------------------------------------------------------------------
+    def planned(self):
+        a, b = self.p["view_types"][:2]
+        n = self.p["concurrency"]
+        first = "first view creates the row" if self.p["reset"] else "first view creates the row (no reset: +1 delta)"
+        second, other, many = "second view increments", "other view type has its own row", "%d concurrent views" % n
+        steps = [
+            ("health", self.case_health),
+            (first, lambda: self.case_views(first, a, 1, [a], reset=self.p["reset"])),
+            (second, lambda: self.case_views(second, a, 1, [a])),
+            (other, lambda: self.case_views(other, b, 1, [a, b])),
+            (many, lambda: self.case_views(many, a, n, [a])),
+        ]
+        for check in self.p["extra_checks"]:
+            steps.append((check["name"], lambda check=check: self.extra(check)))
+        return steps
+
+    def run(self):
+        steps = self.planned()
+        for index, (name, step) in enumerate(steps):
+            started = time.time()
+            try:
+                passed = step()
+            except (Abort, Unreachable) as exc:
+                got = getattr(exc, "got", None) or self.clean(str(exc))
+                expected = "HTTP 200" if got.startswith("HTTP ") else "an answer from the app and the database"
+                self.cases.append(dict(name=name, ok=False, expected=expected, got=got,
+                                       seconds=round(time.time() - started, 3)))
+                self.not_run(steps[index + 1:])
+                raise
+            if not passed:
+                self.not_run(steps[index + 1:])
+                break
+        return steps
+
+    def not_run(self, steps):
+        for name, _ in steps:
+            self.cases.append(dict(name=name, ok=None, expected="", got="not run", seconds=0.0))
+
+
+def lookup(doc, dotted):
+    """The value at a dotted path (``stats.card_view``, ``items.0.id``) of a JSON document."""
+    node = doc
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return MISSING
+    return node
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            url=dict(type="str", required=True),
+            token=dict(type="str", required=True, no_log=True),
+            book_id=dict(type="str", required=True),
+            view_types=dict(type="list", elements="str", default=["card_view", "reader_open"]),
+            concurrency=dict(type="int", default=20),
+            timeout=dict(type="float", default=10.0),
+            reset=dict(type="bool", default=True),
+            login_host=dict(type="str"),
+            login_port=dict(type="int", default=5432),
+            login_user=dict(type="str"),
+            login_password=dict(type="str", no_log=True),
+            login_db=dict(type="str"),
+            psql_bin=dict(type="str", default="psql"),
+            health_path=dict(type="str", default="/api/health"),
+            expect_release=dict(type="str"),
+            extra_checks=dict(
+                type="list", elements="dict", default=[],
+                options=dict(
+                    name=dict(type="str", required=True),
+                    method=dict(type="str", default="GET"),
+                    path=dict(type="str", required=True),
+                    status=dict(type="int", default=200),
+                    json=dict(type="dict"),
+                    body=dict(type="dict"),
+                    auth=dict(type="bool", default=True),
+                ),
+            ),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    if module.check_mode:
+        module.exit_json(changed=False, skipped=True, ok=True, cases=[], summary="not run in check mode",
+                         msg="not run in check mode")
+
+    def bad(msg):
+        module.fail_json(msg=msg, changed=False, ok=False, cases=[], summary="not run")
+
+    if not UUID_RE.match(p["book_id"] or ""):
+        bad("smoke book id %r is not a UUID; set slipway_smoke_book_id to an existing book's id" % p["book_id"])
+    if len(set(p["view_types"])) < 2:
+        bad("view_types needs two distinct view types, got %s; set smoke_test_view_types, e.g. [card_view, reader_open]"
+            % p["view_types"])
+    if p["concurrency"] < 1:
+        bad("concurrency must be at least 1, got %d; set smoke_test_concurrency" % p["concurrency"])
+    if p["reset"] and not p["login_db"]:
+        bad("reset=true needs the database login (login_db, login_host, login_user, login_password: slipway_db_*); "
+            "set them, or set smoke_test_reset: false")
+    if not re.match(r"^https?://", p["url"]):
+        bad("url %r is not an http(s) URL; set slipway_app_url, e.g. http://127.0.0.1:3000" % p["url"])
+    for check in p["extra_checks"]:
+        if not check["path"].startswith("/"):
+            bad("extra check %r: path %r must start with /" % (check["name"], check["path"]))
+
+    smoke = Smoke(module)
+
+    def summary():
+        return "%d/%d passed" % (sum(1 for c in smoke.cases if c["ok"] is True), len(smoke.planned()))
+
+    try:
+        smoke.run()
+    except Unreachable as exc:
+        module.fail_json(msg=smoke.clean("cannot reach the app: %s; is it running (pm2 status) at %s?" % (exc, p["url"])),
+                         changed=False, ok=False, cases=smoke.cases, summary=summary())
+    except Abort as exc:
+        module.fail_json(msg=smoke.clean(str(exc)), changed=False, ok=False, cases=smoke.cases, summary=summary())
+
+    ok = all(c["ok"] is True for c in smoke.cases)
+    result = dict(changed=False, ok=ok, summary=summary(), cases=smoke.cases)
+    try:
+        final, _ = smoke.stats()
+    except Unreachable:
+        final = None
+    if final is not None:
+        result["stats"] = final
+    if not ok:
+        first = next(c for c in smoke.cases if c["ok"] is False)
+        module.fail_json(msg=smoke.clean("smoke case %r failed: expected %s, got %s (%s)"
+                                         % (first["name"], first["expected"], first["got"], result["summary"])), **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""`invoke backup` / `invoke restore`: database backups on target hosts through playbooks/backup.yml,
+restore.yml and backup_list.yml (module slipway.core.pg_backup). Each function prints a short human
+summary or one JSON document and returns the exit code (0 ok, 1 failed)."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .errors import SlipwayError
+from .paths import import_module_utils
+
+import_module_utils()
+from ansible_collections.slipway.core.plugins.module_utils import backup as bk  # noqa: E402
+
+# how users list a host's backups (the CLI wiring in tasks.py)
+LIST_HINT = "invoke backup --list --host {host}"
+CONFIRM = "Restore {db} on {host} from {id}? A safety backup is taken first. Type the host name to confirm: "
+
+
+def human_size(size) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(size)
+
+
+def _print_failures(result: dict, stream=sys.stdout) -> None:
+    for failure in result["failures"]:
+        where = f"{failure['task']}: " if failure["task"] else ""
+        print(f"{failure['host']:<14} FAILED     {where}{failure['msg']}", file=stream)
+
+
+def _document(key: str, result: dict) -> str:
+    return json.dumps({key: result["data"].get(key, {}), "failures": result["failures"], "rc": result["rc"]},
+                      indent=2, sort_keys=True)
+
+
+def backup(host: str, as_json: bool = False, progress=None) -> int:
+    """Take a verified backup now on every host ``host`` names (reason "manual")."""
+    from .runner import resolve_target, run_playbook
+
+    resolve_target(host)
+    result = run_playbook("backup.yml", host, progress=progress)
+    if as_json:
+        print(_document("backup", result))
+    else:
+        for name, info in sorted(result["data"].get("backup", {}).items()):
+            if not info:
+                continue
+            if info.get("check_mode"):
+                print(f"{name:<14} would back up to {info['path']}")
+                continue
+            pruned = ", ".join(info.get("pruned") or []) or "none"
+            print(f"{name:<14} backup {info['id']}\n{'':<14} path {info['path']}  size {human_size(info.get('size'))}"
+                  f"  toc entries {info.get('toc_entries')}  pruned: {pruned}")
+        _print_failures(result)
+    return 0 if result["rc"] == 0 else 1
+
+
+def list_backups(host: str, as_json: bool = False) -> int:
+    """Print the backups each host's manifest lists (newest first), and whether each file is intact in size."""
+    from .runner import resolve_target, run_playbook
+
+    resolve_target(host)
+    result = run_playbook("backup_list.yml", host)
+    if as_json:
+        print(_document("backups", result))
+    else:
+        for name, entries in sorted(result["data"].get("backups", {}).items()):
+            if not entries:
+                print(f"{name:<14} no backups")
+            for entry in sorted(entries, key=lambda e: e.get("created", ""), reverse=True):
+                state = "ok" if entry.get("size_ok") else ("MISSING" if not entry.get("exists") else "SIZE MISMATCH")
+                print(f"{name:<14} {entry['id']}  {entry.get('reason', '-'):<11} {human_size(entry.get('size')):>10}  {state}")
+        _print_failures(result)
+    return 0 if result["rc"] == 0 else 1
+
+
+def _db_name(host: str, backup_id: str) -> str:
+    """The host's slipway_db_name from the inventory, else the database part of the backup id."""
+    from ansible.inventory.manager import InventoryManager
+    from ansible.parsing.dataloader import DataLoader
+
+    from .runner import inventories
+
+    try:
+        manager = InventoryManager(loader=DataLoader(), sources=inventories())
+        name = manager.get_host(host).get_vars().get("slipway_db_name")
+    except Exception:  # noqa: BLE001 - only for the prompt's wording
+        name = None
+    return str(name or bk.parse_id(backup_id)["db"])
+
+
+def restore(host: str, backup_id: str, yes: bool = False, as_json: bool = False, ask=input, progress=None) -> int:
+    """Restore ``backup_id`` on one host after a safety backup; asks for the host name unless ``yes``."""
+    from .runner import resolve_target, run_playbook
+
+    hosts = resolve_target(host)
+    if len(hosts) != 1:
+        raise SlipwayError(f"restore works on one host; {host!r} names {len(hosts)} ({', '.join(hosts)}): pass --host with one of them")
+    target = hosts[0]
+    parsed = bk.parse_id(backup_id)
+    if parsed is None:
+        raise SlipwayError(f"backup id {backup_id!r} is malformed: ids look like <host>_<db>_<YYYYmmddTHHMMSSZ>_<release>; "
+                           f"list them with `{LIST_HINT.format(host=target)}`")
+    if parsed["host"] != bk.sanitize(target):
+        raise SlipwayError(f"backup {backup_id} was taken on host {parsed['host']}, not {target}; "
+                           f"restore it there or pick a backup of {target}")
+    if not yes:
+        prompt = CONFIRM.format(db=_db_name(target, backup_id), host=target, id=backup_id)
+        try:
+            if as_json:  # stdout carries the JSON document only
+                sys.stderr.write(prompt)
+                sys.stderr.flush()
+                answer = ask("")
+            else:
+                answer = ask(prompt)
+        except EOFError:
+            answer = ""
+        if answer.strip() != target:
+            raise SlipwayError("restore not confirmed; nothing changed")
+    result = run_playbook("restore.yml", target, {"restore_backup_id": backup_id}, progress=progress)
+    if as_json:
+        print(_document("restore", result))
+    else:
+        for name, info in sorted(result["data"].get("restore", {}).items()):
+            if info.get("check_mode"):
+                print(f"{name:<14} would restore {info['restored']} (backup verified)")
+                continue
+            safety = info.get("safety_backup") or "none"
+            print(f"{name:<14} restored {info['restored']}\n{'':<14} safety backup {safety}")
+        _print_failures(result)
+    return 0 if result["rc"] == 0 else 1
