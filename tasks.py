@@ -84,51 +84,142 @@ def ping(c, host, json=False):
         raise Exit(code=1)
 
 
+@task(
+    help={
+        "host": "inventory host or group (e.g. prod, sandbox, sandboxes)",
+        "release": "the app to ship: a directory, or a git ref (REF or REF:subdir of $SLIPWAY_APP_REPO); default examples/reader-app",
+        "check": "print the full plan (release, SQL with preflight results, reload yes/no); change nothing",
+        "report": "write a JSON report to this file",
+    }
+)
+@cli
+def deploy(c, host, release=None, check=False, report=None):
+    """Deploy: preflight, verified backup, release, migrations, PM2 zero-downtime reload, smoke tests; rolls back on failure (exit 0 ok, 1 failed, 4 lock held)."""
+    from slipway.deploy import deploy as run_deploy
+
+    code = run_deploy(host, release=release, check=check, report_path=report)
+    if code:
+        raise Exit(code=code)
+
+
+@task(
+    help={
+        "host": "inventory host or group",
+        "release": "release id to go back to (default: the one before the current release, from the host's deploy records)",
+        "db": "`restore`: also restore the database from --backup (asks for confirmation unless --yes)",
+        "backup": "backup id (see `invoke backup --host H --list`)",
+        "yes": "do not ask before restoring the database",
+    }
+)
+@cli
+def rollback(c, host, release=None, db=None, backup=None, yes=False):
+    """Point `current` back at the previous release and reload (schema kept); `--db restore --backup ID` also restores the database."""
+    from slipway.deploy import rollback as run_rollback
+
+    code = run_rollback(host, release=release, db=db, backup=backup, yes=yes)
+    if code:
+        raise Exit(code=code)
+
+
+@task(help={"host": "inventory host or group", "list": "list the host's backups instead of taking one",
+            "json": "print one JSON document"})
+@cli
+def backup(c, host, list=False, json=False):
+    """Take a verified pg_dump backup (0600, checked with pg_restore --list, retention, manifest), or --list them."""
+    from slipway import backups
+
+    code = backups.list_backups(host, json) if list else backups.backup(host, json)
+    if code:
+        raise Exit(code=code)
+
+
+@task(help={"host": "one inventory host", "backup": "backup id (see `invoke backup --host H --list`)",
+            "yes": "do not ask for confirmation", "json": "print one JSON document"})
+@cli
+def restore(c, host, backup, yes=False, json=False):
+    """Restore a host's database from a backup (asks unless --yes; takes a safety backup first)."""
+    from slipway import backups
+
+    code = backups.restore(host, backup, yes, json)
+    if code:
+        raise Exit(code=code)
+
+
+@task(help={"host": "inventory host or group", "json": "print one JSON document"})
+@cli
+def smoke(c, host, json=False):
+    """Smoke-test the app: health + the incident runbook's four track-view cases on the smoke book (deltas)."""
+    from slipway.smoke import smoke as run_smoke
+
+    if run_smoke(host, json):
+        raise Exit(code=1)
+
+
 @task
 @cli
 def demo(c):
-    """Bring the sandbox up in the incident state and show the production failure, end to end."""
+    """The incident end to end on the sandbox: the 500, its diagnosis, `invoke deploy`, the 200 with every view kept."""
+    from slipway import vault
+    from slipway.deploy import deploy as run_deploy
+
     print("== 1. a production-like host where migration 0007 never ran")
     sb.up(1, "incident")
     ctl = sb.Controller()
     host = sb.find_host("sandbox", ctl)
-    from slipway import vault
-
     creds = vault.load(ctl.vault_file(host.name), ctl.vault_password_file)
     url = f"{host.app_url}/api/books/{sb.INCIDENT_BOOK}/track-view"
-    print(f"\n== 2. POST {url}  {{\"viewType\": \"card_view\"}}")
-    status, body = sb.http_json("POST", url, {"viewType": "card_view"}, token=creds["slipway_api_token"])
-    print(f"   HTTP {status} {jsonlib.dumps(body)}")
+
+    def post():
+        status, body = sb.http_json("POST", url, {"viewType": "card_view"}, token=creds["slipway_api_token"])
+        print(f"   POST {url}  {{\"viewType\": \"card_view\"}}\n   HTTP {status} {jsonlib.dumps(body)}")
+        return status
+
+    def book_rows():
+        with sb.connect(host, creds["slipway_db_password"]) as conn:
+            return conn.execute(
+                "SELECT view_type, count(*), sum(view_count) FROM book_view_statistics WHERE book_id = %s "
+                "GROUP BY view_type ORDER BY view_type", (sb.INCIDENT_BOOK,)).fetchall()
+
+    def show_rows(rows):
+        for view_type, n, total in rows:
+            print(f"   {view_type:<12} rows {n}  view_count total {total}")
+
+    print("\n== 2. the production failure")
+    before_status = post()
     print("\n== 3. what the runbook found")
     try:
         line = sb.wait_for_line(host.pg_log, " 42P10 booksuser@booksdb ERROR:", timeout=10)
     except SlipwayError:
         line = "(no 42P10 line)"
-    print(f"   PostgreSQL log ({host.pg_log}):\n     {line}")
-    err_line = sb.wait_for_line(host.app_dir / "logs" / "err.log", "Error tracking book view", timeout=10)
-    print(f"   app err.log: {err_line}")
+    print(f"   PostgreSQL log: {line.split('ERROR:', 1)[-1].strip()}")
     with sb.connect(host, creds["slipway_db_password"]) as conn:
         applied = conn.execute("SELECT count(*) FROM drizzle.__drizzle_migrations").fetchone()[0]
         has = conn.execute("SELECT count(*) FROM pg_constraint WHERE conname = %s", (sb.UNIQUE_CONSTRAINT,)).fetchone()[0]
-        dups = conn.execute(
-            "SELECT count(*) FROM (SELECT 1 FROM book_view_statistics GROUP BY book_id, view_type HAVING count(*) > 1) d"
-        ).fetchone()[0]
     journal = sb.journal_entries()
-    print(f"   drizzle.__drizzle_migrations: {applied} rows; the journal has {len(journal)} migrations")
+    print(f"   drizzle.__drizzle_migrations: {applied} rows; the journal has {len(journal)} migrations "
+          f"-> pending: {journal[-1]['tag']}")
     print(f"   constraint {sb.UNIQUE_CONSTRAINT}: {'present' if has else 'MISSING'}")
-    print(f"   duplicate (book_id, view_type) groups that block it: {dups}")
-    print(f"   => pending: {journal[-1]['tag']} — the upsert's ON CONFLICT has no unique constraint to use")
-    from slipway import migrations as mig
+    print(f"   statistics of book {sb.INCIDENT_BOOK} (duplicate rows block the constraint):")
+    rows_before = book_rows()
+    show_rows(rows_before)
 
-    print("\n== 4. what slipway's migration engine plans (invoke migrate --check: preflight + rehearsal, no change)")
-    doc, error, code = mig.run_dsn(host.database_url(creds["slipway_db_password"]), str(sb.READER_APP / "migrations"), check=True)
-    for line in mig.render(doc) if doc else [f"error: {error}"]:
-        print("   " + line)
-    print("\nThe sandbox stays up: `eval \"$(.venv/bin/invoke sandbox.env)\"` then curl it, or fix it with "
-          "`.venv/bin/invoke migrate --migrations examples/reader-app/migrations`; "
-          "`.venv/bin/invoke sandbox.down` removes it.")
-    if status != 500:
-        raise Exit(f"error: expected the incident's 500, got HTTP {status}", code=1)
+    print("\n== 4. invoke deploy --host sandbox  (preflight, backup, release, migrations, reload, smoke)")
+    code = run_deploy("sandbox")
+    if code:
+        raise Exit(f"error: the deploy failed (exit {code}); see the lines above", code=code)
+
+    print("\n== 5. after the deploy")
+    after_status = post()
+    rows_after = book_rows()
+    show_rows(rows_after)
+    total_before = sum(int(t) for vt, _, t in rows_before if vt == "card_view")
+    total_after = sum(int(t) for vt, _, t in rows_after if vt == "card_view")
+    print(f"   card_view: {total_before} views before the deploy + 1 new = {total_after}; one row per view type")
+    print("\nThe sandbox stays up: `eval \"$(.venv/bin/invoke sandbox.env)\"` then curl it; "
+          "`.venv/bin/invoke deploy --host sandbox` again changes nothing; `.venv/bin/invoke sandbox.down` removes it.")
+    if before_status != 500 or after_status != 200 or total_after != total_before + 1:
+        raise Exit(f"error: expected 500 then 200 with {total_before + 1} views, got {before_status}, {after_status}, "
+                   f"{total_after}", code=1)
 
 
 @task(
@@ -198,6 +289,11 @@ sandbox.add_task(env)
 ns = Collection()
 ns.add_collection(sandbox)
 ns.add_task(ping)
+ns.add_task(deploy)
+ns.add_task(rollback)
+ns.add_task(backup)
+ns.add_task(restore)
+ns.add_task(smoke)
 ns.add_task(demo)
 ns.add_task(migrate)
 ns.add_task(lint)

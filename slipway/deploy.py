@@ -1,0 +1,282 @@
+"""`invoke deploy`: build the release, lock the hosts, run playbooks/deploy.yml, report.
+
+The playbook does the work (one role per phase); this module prints one progress line per phase
+while it runs, then a summary table (phase, status, changed, seconds) per host, and writes the JSON
+report. Exit codes: 0 deployed (or nothing to do), 1 failed (rolled back, or stopped before any
+change), 4 another deploy holds a host's lock.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets as pysecrets
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .errors import SlipwayError
+from .paths import import_module_utils
+
+import_module_utils()
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text  # noqa: E402
+
+PHASES = ("preflight", "db_backup", "app_release", "db_migrate", "pm2_app", "smoke_test")
+_TASK_EVENTS = {"runner_on_ok", "runner_on_failed", "runner_on_skipped", "runner_on_unreachable"}
+RESCUE_START = "Record the failure"
+RESCUE_END = "Keep a record of this deploy on the host"
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}-{pysecrets.token_hex(2)}"
+
+
+class PhaseTracker:
+    """Turns ansible-runner events into per-host phases (status, changed, seconds) and progress lines."""
+
+    def __init__(self, out=sys.stdout, quiet: bool = False):
+        self.out = out
+        self.quiet = quiet
+        self.hosts: dict[str, dict[str, dict]] = {}
+        self.rescue = False
+        self.started = time.monotonic()
+
+    def _phase(self, host: str, name: str) -> dict:
+        phases = self.hosts.setdefault(host, {})
+        if name not in phases:
+            phases[name] = {"name": name, "status": "ok", "changed": 0, "seconds": 0.0, "tasks": 0}
+            if not self.quiet:
+                elapsed = time.monotonic() - self.started
+                print(f"  [{elapsed:6.1f}s] {host:<12} {name}", file=self.out, flush=True)
+        return phases[name]
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("event")
+        data = event.get("event_data") or {}
+        if kind == "playbook_on_task_start":
+            task = data.get("task", "")
+            if task == RESCUE_START:
+                self.rescue = True
+            elif task == RESCUE_END:
+                self.rescue = False
+            return
+        if kind not in _TASK_EVENTS and kind != "runner_on_start":
+            return
+        host = data.get("host")
+        role = data.get("role") or ""
+        if not host or (not role and not self.rescue):
+            return
+        name = "rescue" if self.rescue else role
+        phase = self._phase(host, name)
+        if kind == "runner_on_start":
+            return
+        res = data.get("res") or {}
+        phase["tasks"] += 1
+        try:
+            phase["seconds"] += float(data.get("duration") or 0.0)
+        except (TypeError, ValueError):
+            pass
+        if kind == "runner_on_ok" and res.get("changed"):
+            phase["changed"] += 1
+        if kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
+            phase["status"] = "failed"
+
+    def phases(self, host: str) -> list[dict]:
+        phases = self.hosts.get(host, {})
+        ordered = [phases[p] for p in PHASES if p in phases] + [v for k, v in phases.items() if k not in PHASES]
+        return [{**p, "seconds": round(p["seconds"], 2)} for p in ordered]
+
+
+def _summary_table(report: dict) -> list[str]:
+    lines = [f"{'host':<12} {'phase':<12} {'status':<8} {'changed':>7} {'seconds':>8}"]
+    for host, info in report["hosts"].items():
+        for p in info["phases"]:
+            lines.append(f"{host:<12} {p['name']:<12} {p['status']:<8} {p['changed']:>7} {p['seconds']:>8.2f}")
+    return lines
+
+
+def _check_lines(report: dict) -> list[str]:
+    from .migrations import render
+
+    lines = []
+    for host, info in report["hosts"].items():
+        state = info.get("release_state") or {}
+        lines.append(f"{host}: release {report['release']} "
+                     + ("would be installed and current switched from " + str(state.get("previous"))
+                        if state.get("installed") else
+                        ("is installed; current would switch from " + str(state.get("previous")) if state.get("switched")
+                         else "is installed and current; no new release")))
+        doc = (info.get("plan") or {}).get("document")
+        if doc:
+            lines += ["  " + line for line in render(doc)]
+        pm2 = info.get("pm2") or {}
+        action = pm2.get("action")
+        lines.append(f"  pm2: {'reload/start: ' + str(action) if action and action != 'none' else 'no reload'}"
+                     + (f" ({pm2.get('reason')})" if pm2.get("reason") else ""))
+        backup = info.get("backup")
+        lines.append(f"  backup: {'would be taken: ' + str(backup.get('path')) if backup else 'not needed (no schema change)'}")
+    return lines
+
+
+def _known_secrets(hosts: list[str]) -> list[str]:
+    """The sandbox hosts' secrets (when it is the sandbox), so reports can be scrubbed of them too."""
+    try:
+        from . import sandbox, vault
+
+        ctl = sandbox.Controller()
+        out = []
+        for name in hosts:
+            path = ctl.vault_file(name)
+            if path.exists():
+                out += [v for v in vault.load(path, ctl.vault_password_file).values() if v]
+        return out
+    except Exception:  # noqa: BLE001 - best effort: the modules redact their own output anyway
+        return []
+
+
+def deploy(host: str, release: str | None = None, check: bool = False, report_path: str | None = None,
+           out=sys.stdout) -> int:
+    from . import release as rel
+    from .remote import LockHeld, lock_hosts
+    from .runner import resolve_target, run_playbook
+
+    started = time.monotonic()
+    hosts = resolve_target(host)
+    if report_path and not Path(report_path).resolve().parent.is_dir():
+        raise SlipwayError(f"--report {report_path}: directory {Path(report_path).resolve().parent} does not exist; create it or pick another path")
+    built = rel.build(release)
+    runtime_id, runtime_archive, runtime_python = rel.runtime()
+    run_id = new_run_id()
+    mode = "check (nothing will change)" if check else "deploy"
+    print(f"slipway {mode}: release {built.id} ({built.files} files, {len(built.journal_tags)} migrations) "
+          f"from {built.source} -> {', '.join(hosts)}; run {run_id}", file=out, flush=True)
+    tracker = PhaseTracker(out)
+    extravars = {
+        "slipway_deploy_run_id": run_id,
+        "slipway_release_id": built.id,
+        "slipway_release_archive": str(built.archive),
+        "slipway_migrations": built.migrations,
+        "slipway_runtime_id": runtime_id,
+        "slipway_runtime_archive": str(runtime_archive),
+        "slipway_runtime_python": runtime_python,
+    }
+    command = "invoke deploy --host " + host + (" --check" if check else "")
+    try:
+        with lock_hosts(hosts, run_id, command) as locks:
+            for lock in locks:
+                if lock.stale_message:
+                    print(f"  {lock.host}: {lock.stale_message}", file=out, flush=True)
+            result = run_playbook("deploy.yml", host, extravars, check=check, on_event=tracker)
+    except LockHeld as exc:
+        raise SlipwayError(str(exc), exit_code=4) from None
+    known = _known_secrets(hosts)
+    data = redact_mapping(result["data"].get("deploy", {}), known=known)
+    failures = [{**f, "msg": redact_text(f["msg"], known=known)} for f in result["failures"]]
+    report = {
+        "host": host,
+        "run_id": run_id,
+        "release": built.id,
+        "source": built.source,
+        "check": check,
+        "hosts": {},
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    ok = result["rc"] == 0
+    for name in hosts:
+        info = data.get(name) or {}
+        phases = tracker.phases(name)
+        failure = info.get("failure")
+        if not failure:
+            first = next((f for f in failures if f["host"] == name), None)
+            if first:
+                failed_phase = next((p["name"] for p in phases if p["status"] == "failed"), "preflight")
+                failure = {"phase": failed_phase, "task": first["task"], "cause": first["msg"]}
+        host_result = info.get("result") or ("ok" if ok and name in tracker.hosts else ("failed" if failure else "not run"))
+        report["hosts"][name] = {
+            "result": host_result,
+            "phases": phases,
+            "changed": sum(p["changed"] for p in phases if p["name"] != "rescue"),
+            "previous": info.get("previous"),
+            "release_state": info.get("release_state"),
+            "migrations_applied": info.get("migrations_applied") or [],
+            "backup": info.get("backup"),
+            "smoke": info.get("smoke"),
+            "pm2": info.get("pm2"),
+            "plan": info.get("plan") if check else {k: v for k, v in (info.get("plan") or {}).items() if k != "document"},
+            "failure": failure,
+            "rolled_back": bool(info.get("rolled_back")),
+        }
+    report["result"] = "ok" if ok and all(h["result"] == "ok" for h in report["hosts"].values()) else "failed"
+    report["changed"] = sum(h["changed"] for h in report["hosts"].values())
+    print("", file=out)
+    for line in _summary_table(report):
+        print(line, file=out)
+    if check:
+        print("", file=out)
+        for line in _check_lines(report):
+            print(line, file=out)
+    for name, info in report["hosts"].items():
+        if info["failure"]:
+            f = info["failure"]
+            backup = info.get("backup") or {}
+            print(f"\n{name}: FAILED in {f['phase']}: {f['cause']}", file=out)
+            if info["rolled_back"]:
+                print(f"{name}: rolled back: current -> {info['previous']} (reloaded)", file=out)
+            elif f["phase"] == "preflight":
+                print(f"{name}: stopped before any change", file=out)
+            if backup.get("path"):
+                print(f"{name}: the pre-deploy database is in {backup['path']} "
+                      f"(restore: invoke rollback --host {name} --db restore --backup {backup.get('id')})", file=out)
+    verb = "checked" if check else "deployed"
+    print(f"\n{report['result'].upper()}: {verb} {built.id} to {', '.join(hosts)} in {report['seconds']:.1f}s, "
+          f"{report['changed']} change(s)", file=out, flush=True)
+    if report_path:
+        Path(report_path).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    return 0 if report["result"] == "ok" else 1
+
+
+def rollback(host: str, release: str | None = None, db: str | None = None, backup: str | None = None,
+             yes: bool = False, out=sys.stdout, ask=input) -> int:
+    """Point `current` back at the release before the current one (or ``release``), reload and gate
+    on health; with ``db="restore"`` also restore the database from ``backup`` (safety backup first)."""
+    from .remote import LockHeld, lock_hosts
+    from .runner import resolve_target, run_playbook
+
+    if db not in (None, "restore"):
+        raise SlipwayError(f"--db {db!r} is not known; use --db restore --backup ID (the schema is otherwise kept)")
+    if db and not backup:
+        raise SlipwayError("--db restore needs --backup ID; list backups with `invoke backup --host H --list`")
+    if backup and not db:
+        raise SlipwayError("--backup is only used with --db restore; add --db restore to restore the database")
+    hosts = resolve_target(host)
+    if db and not yes:
+        if not sys.stdin.isatty():
+            raise SlipwayError(f"restoring {', '.join(hosts)} from {backup} replaces the database (a safety backup is "
+                               "taken first); confirm by running it in a terminal or pass --yes")
+        answer = ask(f"Restore the database of {', '.join(hosts)} from {backup}? A safety backup is taken first. "
+                     "Type the host name to confirm: ")
+        if answer.strip() != host:
+            raise SlipwayError("restore not confirmed; nothing changed")
+    run_id = new_run_id()
+    extravars = {"slipway_deploy_run_id": run_id}
+    if release:
+        extravars["rollback_release"] = release
+    if db:
+        extravars["rollback_db_backup_id"] = backup
+    tracker = PhaseTracker(out, quiet=True)
+    try:
+        with lock_hosts(hosts, run_id, "invoke rollback --host " + host):
+            result = run_playbook("rollback.yml", host, extravars, on_event=tracker)
+    except LockHeld as exc:
+        raise SlipwayError(str(exc), exit_code=4) from None
+    known = _known_secrets(hosts)
+    data = redact_mapping(result["data"].get("rollback", {}), known=known)
+    for name, info in sorted(data.items()):
+        line = f"{name}: current {info.get('previous')} -> {info.get('release')} (reloaded, healthy)"
+        if info.get("restored_backup"):
+            line += f"; database restored from {info['restored_backup']} (safety backup {info.get('safety_backup')})"
+        print(line, file=out)
+    for failure in result["failures"]:
+        print(f"{failure['host']}: FAILED {failure['task'] or ''}: {redact_text(failure['msg'], known=known)}", file=out)
+    return 0 if result["rc"] == 0 else 1
