@@ -798,17 +798,30 @@ def pm2_app_state(host: Host, user: pwd.struct_passwd) -> dict:
     return app_summary(summarize_jlist(pm2(host, user, "jlist").stdout), APP_NAME)
 
 
+def pm2_start_env(host: Host, user: pwd.struct_passwd) -> dict:
+    """The environment slipway.core.pm2_app gives pm2: the `current` link's own path (APP_CURRENT,
+    read by the ecosystem file for cwd/script, so later reloads run whatever `current` points at),
+    the release it points at now (RELEASE_ID, reported by /api/health) and, for the PM2 daemon this
+    may start, NODE_CLUSTER_SCHED_POLICY=none (round-robin hand-off loses connections in reloads)."""
+    current = host.app_dir / "current"
+    return user_env(host, user, APP_CURRENT=current, RELEASE_ID=os.path.basename(os.path.realpath(current)),
+                    NODE_CLUSTER_SCHED_POLICY="none")
+
+
 def ensure_app(host: Host, user: pwd.struct_passwd, release_changed: bool) -> bool:
     state = pm2_app_state(host, user)
     current = host.app_dir / "current"
     changed = False
-    if release_changed or not state["instances"] or state["online"] != state["instances"]:
-        # A new release is started afresh: `pm2 reload` keeps each process's old cwd (the previous
-        # release's real path), so it would go on running old code. Zero-downtime switching is
-        # the deploy's job, not the sandbox's.
+    started_elsewhere = state["cwd"] != [str(current)]
+    if release_changed or started_elsewhere or not state["instances"] or state["online"] != state["instances"]:
+        # The sandbox starts a new release afresh (delete + start); zero-downtime switching is the
+        # deploy's job (pm2_app). It starts the app the way pm2_app does, from the `current` link's
+        # own path, so a later deploy's `pm2 reload` runs the new release's code; processes started
+        # from a release's real path (an older sandbox) are started again the same way.
         if state["instances"]:
             pm2(host, user, "delete", APP_NAME, check=False)
-        pm2(host, user, "start", current / "ecosystem.config.js")
+        run(["pm2", "start", current / "ecosystem.config.js"], env=pm2_start_env(host, user), cwd=host.app_dir,
+            user=user, timeout=90)
         log(host.name, f"PM2 started {APP_NAME} (cluster mode)")
         changed = True
     deadline = time.monotonic() + 30

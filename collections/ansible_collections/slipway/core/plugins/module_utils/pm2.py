@@ -94,3 +94,15 @@ def app_summary(procs, name):
         "statuses": sorted(set(str(p.get("status")) for p in mine)),
         "cwd": sorted(set(p.get("pm_cwd") for p in mine if p.get("pm_cwd"))),
     }
+
+
+def app_processes(procs, name):
+    """The processes of app ``name`` that hold a PM2 id: during a reload PM2 parks each outgoing
+    worker under an ``_old_<id>`` id until it has exited; those are left out."""
+    return [p for p in procs if p.get("name") == name and isinstance(p.get("pm_id"), int)]
+
+
+def reload_lock_path(pm2_home):
+    """The file the pm2 CLI uses as its reload lock (a timestamp while a reload runs, else empty).
+    A CLI killed mid-reload leaves it set, and every reload for the next 30 s is refused."""
+    return os.path.join(pm2_home, "reload.lock")

@@ -1,0 +1,289 @@
+"""The pm2_app role/module against a real sandbox host (instance 4: its own user, sshd, PostgreSQL,
+PM2), run through slipway.runner.run_playbook as the host's user over SSH: no-op, a legacy start
+moved to the `current` link, check mode, a zero-downtime reload under steady load, a release that
+exits at start (fails within health_timeout) and the rollback the deploy's rescue does."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pwd
+import shlex
+import shutil
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import ROOT, Outputs, cli, sb
+
+INSTANCE = "4"
+I4 = {"SLIPWAY_SANDBOX_INSTANCE": INSTANCE}
+PLAYBOOK = str(ROOT / "tests" / "playbooks" / "pm2_app.yml")
+EVENTS: list[dict] = []
+
+
+@contextlib.contextmanager
+def instance4():
+    """In-process sandbox helpers read SLIPWAY_SANDBOX_INSTANCE at call time."""
+    old = os.environ.get("SLIPWAY_SANDBOX_INSTANCE", "1")
+    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = INSTANCE
+    try:
+        yield
+    finally:
+        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = old
+
+
+class Target(dict):
+    """The fixture's values; its repr names no secret (pytest prints fixtures on failures)."""
+
+    def __repr__(self):
+        return f"Target(host={self['host'].name}, rid={self['rid']}, secrets=<hidden>)"
+
+
+@pytest.fixture(scope="module")
+def h4():
+    if os.geteuid() != 0:
+        pytest.fail("the pm2_app tests need root: they start a sandbox host")
+    cli("sandbox.down", env=I4)
+    cli("sandbox.up", "--state", "healthy", env=I4)
+    out = cli("sandbox.env", "--host", "sandbox", env=I4, prints_secrets=True).stdout
+    values = {}
+    for line in out.splitlines():
+        key, _, value = line[len("export "):].partition("=")
+        values[key] = shlex.split(value)[0]
+    with instance4():
+        host = sb.find_host("sandbox")
+    user = pwd.getpwnam(host.user)
+    rid = os.path.basename(os.path.realpath(host.app_dir / "current"))
+    secrets = [values["API_TOKEN"], urllib.parse.urlparse(values["DATABASE_URL"]).password]
+    assert all(secrets)
+    yield Target(host=host, user=user, token=values["API_TOKEN"], secrets=secrets, rid=rid, url=host.app_url)
+    cli("sandbox.down", env=I4)
+
+
+def run_role(**extra) -> dict:
+    """One run of tests/playbooks/pm2_app.yml; returns rc, the module's result (from set_stats, or
+    the failed event), the failures and the wall time. Every event is kept for the secret scan."""
+    import ansible_runner
+
+    from slipway.runner import run_playbook
+
+    original = ansible_runner.run
+    mine: list[dict] = []
+
+    def tapped(**kwargs):  # keep the events run_playbook's own handler sees
+        handler = kwargs["event_handler"]
+        kwargs["event_handler"] = lambda event: (mine.append(event), handler(event))[1]
+        return original(**kwargs)
+
+    ansible_runner.run = tapped
+    started = time.monotonic()
+    try:
+        with instance4():
+            out = run_playbook(PLAYBOOK, "sandbox", extra)
+    finally:
+        ansible_runner.run = original
+    EVENTS.extend(mine)
+    res = (out["data"] or {}).get("pm2_app")
+    if res is None:
+        failed = [e["event_data"]["res"] for e in mine if e.get("event") == "runner_on_failed"]
+        res = failed[-1] if failed else {}
+    return {"rc": out["rc"], "res": res, "failures": out["failures"], "data": out["data"],
+            "wall": time.monotonic() - started}
+
+
+def pm2_state(h4) -> dict:
+    """The app's PM2 summary, read as the host user (never as root)."""
+    with instance4():
+        return sb.pm2_app_state(h4["host"], h4["user"])
+
+
+def new_rid(tag: str) -> str:
+    return "r" + hashlib.sha256(f"{tag}-{time.time()}".encode()).hexdigest()[:12]
+
+
+def make_release(h4, src: str, rid: str, server_js) -> None:
+    """releases/<rid> from releases/<src> with server.js changed by ``server_js(text)``, completed
+    with .slipway-built and owned by the host user, like app_release leaves one."""
+    releases = h4["host"].app_dir / "releases"
+    tmp = releases / f".{rid}.tmp"
+    shutil.copytree(releases / src, tmp, symlinks=True)
+    server = tmp / "server.js"
+    server.write_text(server_js(server.read_text()))
+    (tmp / ".slipway-built").write_text(rid + "\n")
+    sb.chown_tree(tmp, h4["user"])
+    tmp.rename(releases / rid)
+
+
+def switch(h4, rid: str) -> None:
+    """Point `current` at releases/<rid>: a relative link renamed over the old one (atomic)."""
+    assert sb._symlink(f"releases/{rid}", h4["host"].app_dir / "current", h4["user"])
+
+
+def health_by_pid(h4, tries: int = 40) -> dict:
+    """{pid: release} from repeated GET /api/health (the cluster spreads them over the workers)."""
+    seen = {}
+    for _ in range(tries):
+        status, body = sb.http_json("GET", f"{h4['url']}/api/health")
+        assert status == 200, body
+        seen[body["pid"]] = body["release"]
+    return seen
+
+
+class Load:
+    """Steady traffic from a pool of threads: GET /api/health and POST track-view, new connection
+    per request; every response status (or exception name) is counted."""
+
+    def __init__(self, h4, threads: int = 20):
+        self.h4, self.threads = h4, threads
+        self.stop = threading.Event()
+        self.counts: Counter = Counter()
+        self.releases: Counter = Counter()
+        self.lock = threading.Lock()
+
+    def worker(self, i: int) -> None:
+        url, book = self.h4["url"], sb.SMOKE_BOOK
+        while not self.stop.is_set():
+            try:
+                if i % 2:
+                    status, _ = sb.http_json("POST", f"{url}/api/books/{book}/track-view", {"viewType": "card_view"},
+                                             token=self.h4["token"], timeout=10)
+                    release = None
+                else:
+                    status, body = sb.http_json("GET", f"{url}/api/health", timeout=10)
+                    release = body.get("release") if isinstance(body, dict) else None
+            except Exception as exc:  # refused/reset/timeout: a failed request, counted by kind
+                status, release = type(exc).__name__, None
+            with self.lock:
+                self.counts[status] += 1
+                if release:
+                    self.releases[release] += 1
+
+    def __enter__(self):
+        self.pool = ThreadPoolExecutor(self.threads)
+        self.futures = [self.pool.submit(self.worker, i) for i in range(self.threads)]
+        time.sleep(1.0)  # traffic is flowing before the action starts
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(1.0)  # and goes on after it
+        self.stop.set()
+        for fut in self.futures:
+            fut.result()
+        self.pool.shutdown()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def bad(self) -> int:
+        return self.total - self.counts[200]
+
+
+def report(line: str) -> None:
+    print(f"\n[pm2_app] {line}", flush=True)
+
+
+def test_legacy_start_is_moved_to_the_current_link_then_noop(h4):
+    host, user = h4["host"], h4["user"]
+    # what an older sandbox did: start without APP_CURRENT, so PM2 stores releases/<rid> (real path)
+    with instance4():
+        sb.pm2(host, user, "delete", sb.APP_NAME)
+        sb.run(["pm2", "start", host.app_dir / "current" / "ecosystem.config.js"], env=sb.user_env(host, user),
+               cwd=host.app_dir, user=user)
+    legacy = pm2_state(h4)
+    assert legacy["cwd"] == [str(host.app_dir / "releases" / h4["rid"])]
+    out = run_role()
+    res = out["res"]
+    assert out["rc"] == 0, out["failures"]
+    assert res["action"] == "restarted" and res["changed"] is True and "releases/" in res["reason"]
+    state = pm2_state(h4)
+    assert state["cwd"] == [str(host.app_dir / "current")] and state["online"] == state["instances"] == 2
+    assert not set(res["pids_after"]) & set(legacy["pids"]) and res["health"]["release"] == h4["rid"]
+    assert out["data"]["slipway_pm2"] == {"action": "restarted", "release": h4["rid"], "instances": 2,
+                                          "pids_after": res["pids_after"]}
+    report(f"legacy restart: {res['seconds']}s in the module, {out['wall']:.1f}s wall")
+
+    before = pm2_state(h4)
+    out = run_role()
+    res = out["res"]
+    assert out["rc"] == 0 and res["changed"] is False and res["action"] == "none", out
+    assert res["pids_before"] == res["pids_after"] == before["pids"] == pm2_state(h4)["pids"]
+    assert res["health"]["status"] == 200 and res["health"]["release"] == h4["rid"]
+    report(f"no-op: {res['seconds']}s in the module, {out['wall']:.1f}s wall")
+
+
+def test_reload_new_release_with_zero_downtime(h4):
+    rid2 = new_rid("reload")
+    make_release(h4, h4["rid"], rid2, lambda text: text + f"\n// slipway test release {rid2}\n")
+    switch(h4, rid2)
+    before = pm2_state(h4)
+
+    # check mode: predicts the reload, changes nothing
+    out = run_role(t_check_mode=True)
+    res = out["res"]
+    assert out["rc"] == 0 and res["changed"] is True and res["action"] == "reloaded", out
+    assert h4["rid"] in res["reason"] and res["pids_after"] == before["pids"]
+    assert pm2_state(h4)["pids"] == before["pids"]
+    assert set(health_by_pid(h4).values()) == {h4["rid"]}
+
+    with Load(h4) as load:
+        out = run_role()
+    res = out["res"]
+    assert out["rc"] == 0, out["failures"]
+    assert res["action"] == "reloaded" and res["changed"] is True and res["release"] == rid2
+    assert res["pids_before"] == before["pids"] and not set(res["pids_after"]) & set(before["pids"])
+    assert res["health"]["release"] == rid2 and res["health"]["successes"] >= 4
+    seen = health_by_pid(h4)
+    assert set(seen) == set(res["pids_after"]) and set(seen.values()) == {rid2}
+    report(f"reload under load: {res['seconds']}s in the module (action + gate), {out['wall']:.1f}s wall; "
+           f"{load.total} requests, {load.bad} not 200 {dict(load.counts)}; releases seen {dict(load.releases)}")
+    assert load.bad == 0 and load.counts[200] > 100
+    h4["rid2"] = rid2
+
+
+def test_release_that_exits_at_start_fails_then_rollback_serves(h4):
+    rid2 = h4["rid2"]
+    rid3 = new_rid("crash")
+    make_release(h4, rid2, rid3, lambda text: text.replace(
+        "'use strict';", "'use strict';\nconsole.error('reader-app: config check failed, exiting'); process.exit(1);", 1))
+    switch(h4, rid3)
+    timeout = 12
+    with Load(h4) as load:
+        out = run_role(t_health_timeout=timeout)
+        failed_at = time.monotonic()
+        res = out["res"]
+        assert out["rc"] != 0 and res.get("msg"), res
+        msg = res["msg"]
+        assert "\n" not in msg and res["action"] == "reloaded" and res["release"] == rid3
+        assert "errored" in msg or "crash-loop" in msg, msg
+        assert "config check failed" in msg, msg  # the app's last words, from its log
+        assert res["seconds"] <= timeout + 1
+        assert len(out["failures"]) == 1 and out["failures"][0]["msg"] == msg
+
+        # the deploy's rescue: switch current back, run the role again (it reloads)
+        switch(h4, rid2)
+        back = run_role()
+        rolled_back_at = time.monotonic()
+    res = back["res"]
+    assert back["rc"] == 0, back["failures"]
+    assert res["action"] == "reloaded" and res["release"] == rid2
+    seen = health_by_pid(h4)
+    assert set(seen) == set(res["pids_after"]) and set(seen.values()) == {rid2}
+    report(f"crash release: failed after {out['res']['seconds']}s (health_timeout {timeout}), {out['wall']:.1f}s wall; "
+           f"rollback reload {res['seconds']}s, {rolled_back_at - failed_at:.1f}s wall; "
+           f"{load.total} requests, {load.bad} not 200 {dict(load.counts)}; releases {dict(load.releases)}")
+    report(f"failure message: {msg}")
+
+
+def test_no_secret_in_any_output(h4):
+    assert EVENTS
+    text = json.dumps(EVENTS, default=str) + "".join(Outputs.texts)
+    for secret in h4["secrets"]:
+        assert secret not in text
