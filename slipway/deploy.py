@@ -109,7 +109,10 @@ def _check_lines(report: dict) -> list[str]:
                          else "is installed and current; no new release")))
         doc = (info.get("plan") or {}).get("document")
         if doc:
-            lines += ["  " + line for line in render(doc)]
+            rendered = render(doc)
+            rendered[0] = (f"migrations of release {report['release']} -> {host}'s database, "
+                           f"{doc['tracking_table']} ({doc['tracking_rows']} rows)")
+            lines += ["  " + line for line in rendered]
         pm2 = info.get("pm2") or {}
         action = pm2.get("action")
         lines.append(f"  pm2: {'reload/start: ' + str(action) if action and action != 'none' else 'no reload'}"
@@ -228,9 +231,11 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
             if backup.get("path"):
                 print(f"{name}: the pre-deploy database is in {backup['path']} "
                       f"(restore: invoke rollback --host {name} --db restore --backup {backup.get('id')})", file=out)
-    verb = "checked" if check else "deployed"
-    print(f"\n{report['result'].upper()}: {verb} {built.id} to {', '.join(hosts)} in {report['seconds']:.1f}s, "
-          f"{report['changed']} change(s)", file=out, flush=True)
+    if check:
+        tail = f"checked {built.id} for {', '.join(hosts)} in {report['seconds']:.1f}s; a deploy would make {report['changed']} change(s)"
+    else:
+        tail = f"deployed {built.id} to {', '.join(hosts)} in {report['seconds']:.1f}s, {report['changed']} change(s)"
+    print(f"\n{report['result'].upper()}: {tail}", file=out, flush=True)
     if report_path:
         Path(report_path).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     return 0 if report["result"] == "ok" else 1

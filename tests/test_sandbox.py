@@ -429,17 +429,24 @@ def test_fresh_healthy_sandbox_serves_200_at_once_and_drizzle_has_nothing_to_do(
     assert_nothing_left([host], sb.Controller().dir)
 
 
-def test_demo_shows_the_incident_and_slipways_plan_for_it():
-    proc = cli("demo")
+def test_demo_shows_the_incident_then_deploys_the_fix():
+    proc = cli("demo", timeout=600)
     out = proc.stdout
-    assert 'HTTP 500 {"error": "Failed to track book view"}' in out
-    assert "there is no unique or exclusion constraint matching the ON CONFLICT specification" in out
-    assert "drizzle.__drizzle_migrations: 7 rows; the journal has 8 migrations" in out
-    assert "pending     0007_add_unique_constraint_book_view_statistics" in out
-    assert "3 duplicate groups (7 rows)" in out and "rehearsal   ok" in out
+    before, _, after = out.partition("== 4. invoke deploy")
+    assert 'HTTP 500 {"error": "Failed to track book view"}' in before
+    assert "there is no unique or exclusion constraint matching the ON CONFLICT specification" in before
+    assert "drizzle.__drizzle_migrations: 7 rows; the journal has 8 migrations" in before
+    assert "MISSING" in before
+    for phase in ("preflight", "db_backup", "app_release", "db_migrate", "pm2_app", "smoke_test"):
+        assert phase in after
+    assert "OK: deployed" in after and 'HTTP 200 {"success": true}' in after
+    views = [line for line in after.splitlines() if "views before the deploy + 1 new" in line]
+    assert len(views) == 1
     host = sb.find_host("sandbox")
     env = host_env("sandbox")
-    assert track(env, sb.INCIDENT_BOOK) == (500, INCIDENT_BODY)  # the demo's plan changed nothing
+    assert track(env, sb.INCIDENT_BOOK) == (200, {"success": True})  # still fixed after the demo
+    with connect(env) as conn:
+        assert conn.execute("SELECT count(*) FROM drizzle.__drizzle_migrations").fetchone()[0] == 8
     for secret in (env["API_TOKEN"], urlsplit(env["DATABASE_URL"]).password):
         assert secret not in out + proc.stderr
     cli("sandbox.down")

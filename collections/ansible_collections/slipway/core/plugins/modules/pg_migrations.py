@@ -32,8 +32,8 @@ options:
     type: path
   migrations_content:
     description:
-      - The migrations folder as data, C({"meta/_journal.json": text, "<tag>.sql": text, ...}), e.g. read
-        on the controller from the release being deployed, so a plan needs nothing shipped first.
+      - 'The migrations folder as data, C({"meta/_journal.json": text, "<tag>.sql": text, ...}), e.g. read
+        on the controller from the release being deployed, so a plan needs nothing shipped first.'
       - Written to a private temporary folder on the managed host for the run and removed after.
     type: dict
   dsn:

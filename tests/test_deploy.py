@@ -1,0 +1,306 @@
+"""`invoke deploy` end to end, against real sandbox hosts (sshd, PostgreSQL 15, PM2, the reader app).
+
+Tests run in file order on one two-host sandbox of their own (instance 6): the incident fixed by a
+deploy, the no-op re-deploy, --check on the other host, releases that fail (app does not start,
+smoke fails) and roll back, concurrent deploys, a failing host stopping a group rollout, rollback
+and restore on request, and a scan of everything produced for secrets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import INVOKE, ROOT, Outputs, cli, host_env, sb
+
+INSTANCE = "6"
+INCIDENT_BODY = {"error": "Failed to track book view"}
+TAG_0007 = "0007_add_unique_constraint_book_view_statistics"
+REPORTS: list[Path] = []
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    if os.geteuid() != 0:
+        pytest.fail("the deploy tests need root: they create users, sshd and PostgreSQL clusters")
+    saved = os.environ.get("SLIPWAY_SANDBOX_INSTANCE")
+    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = INSTANCE
+    try:
+        cli("sandbox.down")
+        cli("sandbox.up", "--hosts", "2", "--state", "incident")
+        found = {h.name: h for h in sb.hosts_in_record()}
+        envs = {name: host_env(name) for name in found}
+        yield {"hosts": found, "env": envs}
+        cli("sandbox.down")
+    finally:
+        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = saved or "1"
+
+
+def deploy(*args, expect=0, timeout=600):
+    report = Path(f"/tmp/slipway-test-report-{len(REPORTS)}.json")
+    REPORTS.append(report)
+    proc = cli("deploy", *args, "--report", str(report), check=False, timeout=timeout)
+    assert proc.returncode == expect, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc, json.loads(report.read_text()) if report.exists() else None
+
+
+def track(env, book, view_type="card_view"):
+    return sb.http_json("POST", f"{env['APP_URL']}/api/books/{book}/track-view", {"viewType": view_type},
+                        token=env["API_TOKEN"])
+
+
+def health(env):
+    return sb.http_json("GET", f"{env['APP_URL']}/api/health")
+
+
+def db(env, sql, params=()):
+    with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def totals(env):
+    """Σview_count and row count per (book, view_type), the smoke book left out (smoke tests own it)."""
+    rows = db(env, "SELECT book_id::text, view_type, sum(view_count), count(*) FROM book_view_statistics "
+                   "WHERE book_id <> %s GROUP BY 1, 2 ORDER BY 1, 2", (sb.SMOKE_BOOK,))
+    return {(b, t): (int(s), int(n)) for b, t, s, n in rows}
+
+
+def schema(host):
+    out = subprocess.run(["pg_dump", "--schema-only", "-h", host.address, "-p", str(sb.PG_PORT), "-U", sb.DB_USER, sb.DB_NAME],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PGPASSWORD": password(host)})
+    # pg_dump >= 15.14 writes a random \\restrict key per dump; the schema is everything else
+    return "\n".join(line for line in out.stdout.splitlines() if not line.startswith(("\\restrict", "\\unrestrict")))
+
+
+def password(host):
+    from slipway import vault
+
+    ctl = sb.Controller()
+    return vault.load(ctl.vault_file(host.name), ctl.vault_password_file)["slipway_db_password"]
+
+
+def pm2_pids(host):
+    user = sb.pwd.getpwnam(host.user)
+    return sb.pm2_app_state(host, user)["pids"]
+
+
+def current(host):
+    return os.readlink(host.app_dir / "current")
+
+
+def make_release(tmp: Path, edit) -> Path:
+    """A copy of the reference app with one change made by ``edit(dir)``."""
+    dest = tmp / "app"
+    shutil.copytree(sb.READER_APP, dest, ignore=shutil.ignore_patterns("node_modules", ".env", "logs"))
+    edit(dest)
+    return dest
+
+
+def phase_names(report, host):
+    return [p["name"] for p in report["hosts"][host]["phases"]]
+
+
+# --------------------------------------------------------------------------------------------
+def test_deploy_fixes_the_incident_and_keeps_every_view(hosts):
+    env, host = hosts["env"]["sandbox"], hosts["hosts"]["sandbox"]
+    assert track(env, sb.INCIDENT_BOOK) == (500, INCIDENT_BODY)
+    before = totals(env)
+    assert any(n > 1 for _, n in before.values())  # the incident's duplicate rows
+    pids = pm2_pids(host)
+
+    proc, report = deploy("--host", "sandbox")
+
+    out = proc.stdout
+    for phase in ("preflight", "db_backup", "app_release", "db_migrate", "pm2_app", "smoke_test"):
+        assert phase in out  # one progress line per phase, then the table
+    assert "OK: deployed" in out
+    info = report["hosts"]["sandbox"]
+    assert report["result"] == "ok" and info["result"] == "ok"
+    assert phase_names(report, "sandbox") == ["preflight", "db_backup", "app_release", "db_migrate", "pm2_app", "smoke_test"]
+    assert info["migrations_applied"] == [TAG_0007]
+    assert info["smoke"]["ok"] is True and len(info["smoke"]["cases"]) >= 5
+    # the endpoint works, the constraint exists, duplicates were consolidated, no view was lost
+    assert track(env, sb.INCIDENT_BOOK) == (200, {"success": True})
+    after_fix = totals(env)
+    key = (sb.INCIDENT_BOOK, "card_view")
+    assert after_fix[key] == (before[key][0] + 1, 1)
+    assert {k: v for k, v in after_fix.items() if k != key} == {k: (v[0], 1) for k, v in before.items() if k != key}
+    assert db(env, "SELECT count(*) FROM pg_constraint WHERE conname = %s", (sb.UNIQUE_CONSTRAINT,)) == [(1,)]
+    # a verified backup of the pre-deploy database: 0600 in a 0700 dir, restorable
+    backup = Path(info["backup"]["path"])
+    assert backup.parent == host.backup_dir
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600 and stat.S_IMODE(host.backup_dir.stat().st_mode) == 0o700
+    listing = subprocess.run(["pg_restore", "--list", str(backup)], capture_output=True, text=True, check=True).stdout
+    assert "TABLE public book_view_statistics" in listing
+    scratch = "slipway_restore_check"
+    copy = Path(f"/tmp/{scratch}.dump")  # the backup is the deploy user's 0600 file: a copy postgres can read
+    shutil.copy(backup, copy)
+    os.chmod(copy, 0o644)
+    try:
+        sb.psql_admin(host, f"DROP DATABASE IF EXISTS {scratch}; CREATE DATABASE {scratch};")
+        sb.pg("pg_restore", "--no-owner", "-h", host.pgsock, "-p", sb.PG_PORT, "-U", "postgres", "-d", scratch, copy)
+        assert sb.psql_admin(host, "SELECT count(*) FROM drizzle.__drizzle_migrations;", db=scratch) == "7"  # pre-0007
+        dup_groups = sb.psql_admin(host, "SELECT count(*) FROM (SELECT 1 FROM book_view_statistics "
+                                         "GROUP BY book_id, view_type HAVING count(*) > 1) d;", db=scratch)
+        assert dup_groups == "3"  # the database as it was before the deploy consolidated it
+        sb.psql_admin(host, f"DROP DATABASE {scratch};")
+    finally:
+        copy.unlink()
+    # same release as the sandbox runs: no new release, no reload needed for a schema-only fix
+    assert current(host) == f"releases/{report['release']}"
+    assert pm2_pids(host) == pids
+    assert health(env)[0] == 200
+
+
+def test_second_deploy_changes_nothing_and_passes_smoke(hosts):
+    host = hosts["hosts"]["sandbox"]
+    backups = sorted(host.backup_dir.glob("*.dump"))
+    pids = pm2_pids(host)
+    proc, report = deploy("--host", "sandbox")
+    assert report["result"] == "ok" and report["changed"] == 0, proc.stdout
+    assert all(p["changed"] == 0 for p in report["hosts"]["sandbox"]["phases"])
+    assert report["hosts"]["sandbox"]["migrations_applied"] == []
+    assert report["hosts"]["sandbox"]["backup"] is None
+    assert report["hosts"]["sandbox"]["smoke"]["ok"] is True
+    assert sorted(host.backup_dir.glob("*.dump")) == backups
+    assert pm2_pids(host) == pids
+    assert "0 change(s)" in proc.stdout
+
+
+def test_check_prints_the_plan_and_changes_nothing(hosts):
+    env, host = hosts["env"]["sandbox-2"], hosts["hosts"]["sandbox-2"]
+    before = (schema(host), current(host), pm2_pids(host), totals(env), sorted(os.listdir(host.backup_dir)))
+    proc, report = deploy("--host", "sandbox-2", "--check")
+    out = proc.stdout
+    assert TAG_0007 in out and "pending" in out  # the SQL to run, with preflight results
+    assert "duplicate" in out
+    assert "no new release" in out and "backup: would be taken" in out
+    assert report["check"] is True and report["result"] == "ok"
+    assert (schema(host), current(host), pm2_pids(host), totals(env), sorted(os.listdir(host.backup_dir))) == before
+    assert track(env, sb.INCIDENT_BOOK)[0] == 500
+
+
+def test_release_whose_app_fails_to_start_is_rolled_back(hosts, tmp_path):
+    env, host = hosts["env"]["sandbox"], hosts["hosts"]["sandbox"]
+    old = current(host)
+    old_release = health(env)[1]["release"]
+
+    def crash(app: Path):
+        server = app / "server.js"
+        server.write_text("'use strict';\nconsole.error('boom: this release cannot start');\nprocess.exit(1);\n" + server.read_text())
+
+    proc, report = deploy("--host", "sandbox", "--release", str(make_release(tmp_path, crash)), expect=1)
+    info = report["hosts"]["sandbox"]
+    assert report["result"] == "failed" and info["failure"]["phase"] == "pm2_app"
+    assert info["rolled_back"] is True and "rolled back" in proc.stdout
+    assert current(host) == old
+    status, body = health(env)
+    assert status == 200 and body["release"] == old_release
+    assert track(env, sb.INCIDENT_BOOK)[0] == 200
+
+
+def test_smoke_failure_is_rolled_back(hosts, tmp_path):
+    env, host = hosts["env"]["sandbox"], hosts["hosts"]["sandbox"]
+    old = current(host)
+
+    def double_count(app: Path):
+        server = app / "server.js"
+        text = server.read_text()
+        assert "book_view_statistics.view_count + 1" in text
+        server.write_text(text.replace("book_view_statistics.view_count + 1", "book_view_statistics.view_count + 2"))
+
+    proc, report = deploy("--host", "sandbox", "--release", str(make_release(tmp_path, double_count)), expect=1)
+    info = report["hosts"]["sandbox"]
+    assert info["failure"]["phase"] == "smoke_test", proc.stdout
+    assert info["rolled_back"] is True
+    assert current(host) == old
+    assert health(env)[1]["release"] == old.split("/")[-1]
+
+
+def test_concurrent_deploys_one_exits_4(hosts):
+    host = hosts["hosts"]["sandbox"]
+    meta = host.app_dir / ".slipway" / "deploy.lock.json"
+    first = subprocess.Popen([*INVOKE, "deploy", "--host", "sandbox"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not meta.exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = cli("deploy", "--host", "sandbox", check=False)
+    out, err = first.communicate(timeout=600)
+    Outputs.texts += [out, err]
+    assert first.returncode == 0, out + err
+    assert second.returncode == 4, second.stdout + second.stderr
+    line = second.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: deploy already running on sandbox since ") and f"(pid {first.pid})" in line
+    assert not meta.exists()  # released
+
+
+def test_failing_host_stops_the_group_rollout(hosts, tmp_path):
+    h1, h2 = hosts["hosts"]["sandbox"], hosts["hosts"]["sandbox-2"]
+    before2 = (current(h2), pm2_pids(h2), schema(h2))
+
+    def crash(app: Path):
+        (app / "server.js").write_text("process.exit(3);\n")
+
+    old1 = current(h1)
+    proc, report = deploy("--host", "sandboxes", "--release", str(make_release(tmp_path, crash)), expect=1)
+    assert report["hosts"]["sandbox"]["result"] == "failed"
+    assert report["hosts"]["sandbox-2"]["result"] == "not run", proc.stdout
+    assert current(h1) == old1
+    assert (current(h2), pm2_pids(h2), schema(h2)) == before2
+
+
+def test_group_deploy_then_rollback_and_restore_on_request(hosts, tmp_path):
+    env1, env2 = hosts["env"]["sandbox"], hosts["env"]["sandbox-2"]
+    h1 = hosts["hosts"]["sandbox"]
+
+    def comment(app: Path):
+        server = app / "server.js"
+        server.write_text(server.read_text() + "\n// release two\n")
+
+    proc, report = deploy("--host", "sandboxes", "--release", str(make_release(tmp_path, comment)))
+    new = report["release"]
+    for name, env in (("sandbox", env1), ("sandbox-2", env2)):
+        assert report["hosts"][name]["result"] == "ok"
+        assert health(env)[1]["release"] == new
+        assert track(env, sb.INCIDENT_BOOK) == (200, {"success": True})
+    assert report["hosts"]["sandbox"]["migrations_applied"] == []
+    assert report["hosts"]["sandbox-2"]["migrations_applied"] == [TAG_0007]
+    # code rollback: previous release back, schema kept
+    proc = cli("rollback", "--host", "sandbox")
+    assert health(env1)[1]["release"] != new
+    assert db(env1, "SELECT count(*) FROM pg_constraint WHERE conname = %s", (sb.UNIQUE_CONSTRAINT,)) == [(1,)]
+    # database restore on request: the pre-deploy database of sandbox-2 (0007 not applied)
+    backup_id = report["hosts"]["sandbox-2"]["backup"]["id"]
+    refused = cli("rollback", "--host", "sandbox-2", "--db", "restore", "--backup", backup_id, check=False)
+    assert refused.returncode == 1 and "--yes" in refused.stderr
+    cli("rollback", "--host", "sandbox-2", "--db", "restore", "--backup", backup_id, "--yes")
+    assert db(env2, "SELECT count(*) FROM pg_constraint WHERE conname = %s", (sb.UNIQUE_CONSTRAINT,)) == [(0,)]
+    assert h1.backup_dir.exists()
+
+
+def test_no_secret_in_any_output_report_or_record(hosts):
+    secrets = []
+    for name in hosts["env"]:
+        from slipway import vault
+
+        ctl = sb.Controller()
+        secrets += list(vault.load(ctl.vault_file(name), ctl.vault_password_file).values())
+    assert all(len(s) >= 16 for s in secrets)
+    texts = list(Outputs.texts)
+    texts += [p.read_text() for p in REPORTS if p.exists()]
+    for host in hosts["hosts"].values():
+        texts += [p.read_text() for p in (host.app_dir / ".slipway").glob("*.jsonl")]
+        texts += [p.read_text() for p in host.backup_dir.glob("*.json")]
+        texts += [p.read_text(errors="replace") for p in (host.app_dir / "logs").glob("*.log")]
+    assert len(texts) > 10
+    for secret in secrets:
+        assert not any(secret in t for t in texts)
