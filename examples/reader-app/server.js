@@ -18,6 +18,10 @@ const RELEASE_ID = process.env.RELEASE_ID || null;
 const BODY_LIMIT = 16 * 1024;
 const HEALTH_TIMEOUT_MS = 2000;
 const FORCE_EXIT_MS = 4000;
+// On shutdown, keep-alive clients get this long to send one more request, answered with
+// `Connection: close`, before idle connections are closed (closing a connection a client is
+// about to reuse would fail that request).
+const DRAIN_MS = 1500;
 const VIEW_TYPES = ['card_view', 'reader_open'];
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -214,10 +218,6 @@ const server = http.createServer((req, res) => {
     console.error(`Unhandled request error: ${err.message}`);
     sendJson(res, 500, { error: 'Internal server error' });
   });
-  // During shutdown, drop keep-alive sockets as soon as their request completes.
-  res.on('finish', () => {
-    if (shuttingDown) server.closeIdleConnections();
-  });
 });
 
 server.on('error', (err) => {
@@ -252,8 +252,9 @@ function shutdown(signal) {
         process.exit(0);
       });
   });
-  // Keep-alive sockets with no request in flight would otherwise hold server.close() open.
-  server.closeIdleConnections();
+  // Keep-alive sockets with no request in flight would otherwise hold server.close() open; they are
+  // closed once clients had DRAIN_MS to make their next request (each answered with Connection: close).
+  setTimeout(() => server.closeIdleConnections(), DRAIN_MS).unref();
 }
 
 process.on('SIGINT', () => shutdown('SIGINT'));
