@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json as jsonlib
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -269,9 +270,18 @@ def lint(c):
     c.run(f"{VENV_BIN / 'ansible-lint'} --offline -q", pty=False)
 
 
-@task(help={"k": "pytest -k expression", "x": "stop at the first failure"})
-def test(c, k="", x=False):
-    """The whole test suite: ansible-lint, then pytest against real sandbox hosts (needs root)."""
+@task(help={"scenario": "one scenario (a role name); default: all of them"})
+def molecule(c, scenario=""):
+    """Molecule: one scenario per role on a real sandbox host (create, converge, idempotence, verify, destroy)."""
+    env = {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # molecule runs ansible-* by name
+    which = ["-s", scenario] if scenario else ["--all"]
+    c.run(shlex.join([str(VENV_BIN / "molecule"), "test", *which]), env=env, pty=False)
+
+
+@task(help={"k": "pytest -k expression (skips Molecule)", "x": "stop at the first failure",
+            "no_molecule": "run lint and pytest only"})
+def test(c, k="", x=False, no_molecule=False):
+    """The whole test suite: ansible-lint, pytest against real sandbox hosts, then every Molecule scenario (needs root)."""
     lint(c)
     args = ["-ra", "-p", "no:cacheprovider"]
     if k:
@@ -279,6 +289,8 @@ def test(c, k="", x=False):
     if x:
         args.append("-x")
     c.run(shlex.join([str(VENV_BIN / "python"), "-m", "pytest", *args, "tests"]), pty=False)
+    if not k and not no_molecule:
+        molecule(c)
 
 
 sandbox = Collection("sandbox")
@@ -298,4 +310,5 @@ ns.add_task(demo)
 ns.add_task(migrate)
 ns.add_task(lint)
 ns.add_task(test)
+ns.add_task(molecule)
 ns.configure({"run": {"echo": False, "warn": False}})
