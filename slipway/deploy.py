@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import os
 import secrets as pysecrets
-import socket
 import sys
 import time
 from pathlib import Path

@@ -12,7 +12,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -44,10 +43,11 @@ def hosts():
         os.environ["SLIPWAY_SANDBOX_INSTANCE"] = saved or "1"
 
 
-def deploy(*args, expect=0, timeout=600):
+def deploy(*args, expect=0, timeout=600, env=None):
     report = Path(f"/tmp/slipway-test-report-{len(REPORTS)}.json")
     REPORTS.append(report)
-    proc = cli("deploy", *args, "--report", str(report), check=False, timeout=timeout)
+    report.unlink(missing_ok=True)
+    proc = cli("deploy", *args, "--report", str(report), check=False, timeout=timeout, env=env)
     assert proc.returncode == expect, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc, json.loads(report.read_text()) if report.exists() else None
 
@@ -275,7 +275,7 @@ def test_group_deploy_then_rollback_and_restore_on_request(hosts, tmp_path):
     assert report["hosts"]["sandbox"]["migrations_applied"] == []
     assert report["hosts"]["sandbox-2"]["migrations_applied"] == [TAG_0007]
     # code rollback: previous release back, schema kept
-    proc = cli("rollback", "--host", "sandbox")
+    cli("rollback", "--host", "sandbox")
     assert health(env1)[1]["release"] != new
     assert db(env1, "SELECT count(*) FROM pg_constraint WHERE conname = %s", (sb.UNIQUE_CONSTRAINT,)) == [(1,)]
     # database restore on request: the pre-deploy database of sandbox-2 (0007 not applied)
@@ -285,6 +285,73 @@ def test_group_deploy_then_rollback_and_restore_on_request(hosts, tmp_path):
     cli("rollback", "--host", "sandbox-2", "--db", "restore", "--backup", backup_id, "--yes")
     assert db(env2, "SELECT count(*) FROM pg_constraint WHERE conname = %s", (sb.UNIQUE_CONSTRAINT,)) == [(0,)]
     assert h1.backup_dir.exists()
+
+
+def test_migrations_run_once_per_database_in_a_group(hosts):
+    """Two inventory hosts on one database: only the first migrates it (and backs it up)."""
+    import yaml
+
+    from slipway import vault
+
+    ctl = sb.Controller()
+    h1, h2 = hosts["hosts"]["sandbox"], hosts["hosts"]["sandbox-2"]
+    assert db(hosts["env"]["sandbox-2"], "SELECT count(*) FROM drizzle.__drizzle_migrations") == [(7,)]  # restored above
+    # `app1-on-db2`: the sandbox host's sshd and app dir, pointed at sandbox-2's database
+    alias = {**sb.host_vars(h1, ctl), "slipway_db_host": h2.address}
+    inventory = {"all": {"children": {"shareddb": {"hosts": {"sandbox-2": {}, "app1-on-db2": alias}}}}}
+    extra = ctl.inventory_dir / "shareddb.yml"
+    extra.write_text(yaml.safe_dump(inventory))
+    secrets2 = vault.load(ctl.vault_file("sandbox-2"), ctl.vault_password_file)
+    secrets1 = vault.load(ctl.vault_file("sandbox"), ctl.vault_password_file)
+    vault.dump({"slipway_db_password": secrets2["slipway_db_password"], "slipway_api_token": secrets1["slipway_api_token"]},
+               ctl.vault_file("app1-on-db2"), ctl.vault_password_file)
+    try:
+        proc, report = deploy("--host", "shareddb", "--check")
+    finally:
+        extra.unlink()
+        shutil.rmtree(ctl.vault_file("app1-on-db2").parent)
+    first, second = report["hosts"]["sandbox-2"], report["hosts"]["app1-on-db2"]
+    assert first["plan"]["to_apply"] == second["plan"]["to_apply"] == [TAG_0007]  # both see the pending migration
+    assert first["migrations_applied"] == [TAG_0007] and first["backup"] is not None
+    assert second["migrations_applied"] == [] and second["backup"] is None, proc.stdout
+    assert db(hosts["env"]["sandbox-2"], "SELECT count(*) FROM drizzle.__drizzle_migrations") == [(7,)]  # --check
+
+
+def test_release_from_a_git_ref(hosts, tmp_path):
+    from slipway.sandbox import release_id
+
+    repo = tmp_path / "repo"
+    shutil.copytree(sb.READER_APP, repo / "app", ignore=shutil.ignore_patterns("node_modules", ".env", "logs"))
+    (repo / "app" / "NOTES.md").write_text("built from git\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "app"], check=True)
+    _, report = deploy("--host", "sandbox", "--check", "--release", "HEAD:app", env={"SLIPWAY_APP_REPO": str(repo)})
+    assert report["release"] == release_id(repo / "app")
+    assert report["hosts"]["sandbox"]["release_state"]["installed"] is True  # would be shipped
+    bad = cli("deploy", "--host", "sandbox", "--release", "no-such-ref", check=False, env={"SLIPWAY_APP_REPO": str(repo)})
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: --release 'no-such-ref' is neither")
+
+
+def test_bad_input_is_one_line_and_changes_nothing(hosts, tmp_path):
+    host = hosts["hosts"]["sandbox"]
+    before = (current(host), pm2_pids(host), sorted(os.listdir(host.backup_dir)))
+    incomplete = tmp_path / "app"
+    incomplete.mkdir()
+    (incomplete / "server.js").write_text("")
+    cases = [
+        (("deploy", "--host", "nosuchhost"), "error: no host or group named 'nosuchhost'"),
+        (("deploy", "--host", "sandbox", "--release", str(incomplete)), "is not a deployable app: missing package.json"),
+        (("deploy", "--host", "sandbox", "--report", "/nonexistent/dir/r.json"), "does not exist"),
+        (("rollback", "--host", "sandbox", "--db", "drop"), "--db 'drop' is not known"),
+        (("rollback", "--host", "sandbox", "--db", "restore"), "--db restore needs --backup ID"),
+    ]
+    for args, needle in cases:
+        proc = cli(*args, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+    assert (current(host), pm2_pids(host), sorted(os.listdir(host.backup_dir))) == before
 
 
 def test_no_secret_in_any_output_report_or_record(hosts):
