@@ -19,8 +19,8 @@ const BODY_LIMIT = 16 * 1024;
 const HEALTH_TIMEOUT_MS = 2000;
 const FORCE_EXIT_MS = 4000;
 // On shutdown, keep-alive clients get this long to send one more request, answered with
-// `Connection: close`, before idle connections are closed (closing a connection a client is
-// about to reuse would fail that request).
+// `Connection: close`, before the server stops listening and closes idle connections (closing a
+// connection a client is about to reuse would fail that request).
 const DRAIN_MS = 1500;
 const VIEW_TYPES = ['card_view', 'reader_open'];
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -243,18 +243,23 @@ function shutdown(signal) {
   }, FORCE_EXIT_MS);
   force.unref();
 
-  server.close(() => {
-    pool
-      .end()
-      .catch((err) => console.error(`reader-app: error closing database pool: ${err.message}`))
-      .finally(() => {
-        console.log('reader-app stopped');
-        process.exit(0);
-      });
-  });
-  // Keep-alive sockets with no request in flight would otherwise hold server.close() open; they are
-  // closed once clients had DRAIN_MS to make their next request (each answered with Connection: close).
-  setTimeout(() => server.closeIdleConnections(), DRAIN_MS).unref();
+  // Drain first: for DRAIN_MS every response says `Connection: close`, so keep-alive clients end
+  // their connections after one more request. Only then stop listening: since Node 19,
+  // server.close() also closes idle keep-alive connections at once, and a client reusing one at
+  // that moment would see its request fail.
+  const drain = setTimeout(() => {
+    server.close(() => {
+      pool
+        .end()
+        .catch((err) => console.error(`reader-app: error closing database pool: ${err.message}`))
+        .finally(() => {
+          console.log('reader-app stopped');
+          process.exit(0);
+        });
+    });
+    server.closeIdleConnections();
+  }, DRAIN_MS);
+  drain.unref();
 }
 
 process.on('SIGINT', () => shutdown('SIGINT'));
