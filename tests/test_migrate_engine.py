@@ -340,6 +340,30 @@ def test_concurrent_applies_one_wins_the_other_fails_clearly(pgc, db, tmp_path):
     assert as_json(migrate(pgc, db, folder, "--json", check=True))["result"] == "up_to_date"
 
 
+def test_concurrent_rehearsals_of_one_database_take_turns_instead_of_deadlocking(pgc, db, tmp_path):
+    """Two hosts sharing a database plan a deploy at once: without the advisory lock their
+    rehearsals (UPDATE ... then ALTER TABLE) wait on each other's locks and one dies with 40P01."""
+    folder = folder_copy(tmp_path)
+    add_entry(folder, "0008_touch_then_alter", 1790000000000,
+              "UPDATE book_view_statistics SET view_count = view_count;--> statement-breakpoint\n"
+              "SELECT pg_sleep(1.5);--> statement-breakpoint\n"
+              "ALTER TABLE book_view_statistics ADD COLUMN touched int;")
+    migrate(pgc, db, folder_copy(tmp_path / "base"), check=True)
+    with pgc.connect(db) as conn:
+        conn.execute("INSERT INTO books (id, title, author) VALUES ('00000000-0000-4000-8000-000000000001', 't', 'a')")
+        conn.execute("INSERT INTO book_view_statistics (book_id, view_type, view_count) "
+                     "VALUES ('00000000-0000-4000-8000-000000000001', 'card_view', 1)")
+    env = {**os.environ, "SLIPWAY_TEST_DSN": pgc.dsn(db)}
+    cmd = [*INVOKE, "migrate", "--dsn-env", "SLIPWAY_TEST_DSN", "--migrations", str(folder), "--check"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=60), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert [r[0] for r in results] == [2, 2], results  # both: pending, rehearsal ok
+    assert all("rehearsal   ok" in r[1] and "40P01" not in r[1] + r[2] for r in results)
+    with pgc.connect(db) as conn:  # rehearsals only: nothing kept
+        assert conn.execute("SELECT count(*) FROM information_schema.columns WHERE column_name = 'touched'").fetchone()[0] == 0
+
+
 def test_quoted_identifiers_in_tracking_schema_and_table_are_not_injected(pgc, db, node_modules, tmp_path):
     schema = 'mig"rations; DROP TABLE books; --'
     table = "track'ed\"rows"

@@ -528,8 +528,11 @@ class Engine:
             plan["blockers"].append("rehearsal: " + describe_failure(rehearsal["failure"]) + "; nothing was changed")
 
     def rehearse(self, checks):
-        """Run the set to apply in a transaction with a short lock_timeout, then roll back."""
+        """Run the set to apply in a transaction with a short lock_timeout, then roll back. Under
+        the apply's advisory lock: two rehearsals (or a rehearsal and an apply) of one database at
+        the same time would wait on each other's table locks and deadlock."""
         with self.conn.transaction(force_rollback=True):
+            self._take_lock()
             self._set_lock_timeout()
             ran, failure, _ = self._execute(checks)
         return {"ok": failure is None, "failure": failure, "statements": ran}

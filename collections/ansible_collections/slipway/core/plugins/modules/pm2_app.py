@@ -445,6 +445,17 @@ def main():
     current_release = os.path.basename(real)
     release = p["release"] or current_release
     result["release"] = release
+    if release != current_release and module.check_mode:
+        # a deploy in check mode: app_release would have switched current to `release` by now
+        try:
+            before = app_summary(app.jlist(), app.app_name)
+        except (GateFailed, subprocess.TimeoutExpired) as exc:
+            module.fail_json(msg="reading PM2 state: %s" % exc, **result)
+        result.update(changed=True, action="reloaded" if before["instances"] else "started",
+                      reason="current would switch from %s to %s" % (current_release, release),
+                      instances=before["instances"], pids_before=before["pids"], pids_after=before["pids"],
+                      restarts=before["restarts"])
+        module.exit_json(**result)
     if release != current_release:
         module.fail_json(msg="current points at %s, not at the expected release %s; switch current first (app_release) "
                              "or pass release=%s" % (current_release, release, current_release), **result)
