@@ -27,6 +27,20 @@ RESCUE_START = "Record the failure"
 RESCUE_END = "Keep a record of this deploy on the host"
 
 
+def deploy_extravars(run_id: str, built, runtime: tuple) -> dict:
+    """What playbooks/deploy.yml's roles get from the controller (Molecule passes the same)."""
+    runtime_id, runtime_archive, runtime_python = runtime
+    return {
+        "slipway_deploy_run_id": run_id,
+        "slipway_release_id": built.id,
+        "slipway_release_archive": str(built.archive),
+        "slipway_migrations": built.migrations,
+        "slipway_runtime_id": runtime_id,
+        "slipway_runtime_archive": str(runtime_archive),
+        "slipway_runtime_python": runtime_python,
+    }
+
+
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}-{pysecrets.token_hex(2)}"
 
@@ -154,15 +168,7 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
     print(f"slipway {mode}: release {built.id} ({built.files} files, {len(built.journal_tags)} migrations) "
           f"from {built.source} -> {', '.join(hosts)}; run {run_id}", file=out, flush=True)
     tracker = PhaseTracker(out)
-    extravars = {
-        "slipway_deploy_run_id": run_id,
-        "slipway_release_id": built.id,
-        "slipway_release_archive": str(built.archive),
-        "slipway_migrations": built.migrations,
-        "slipway_runtime_id": runtime_id,
-        "slipway_runtime_archive": str(runtime_archive),
-        "slipway_runtime_python": runtime_python,
-    }
+    extravars = deploy_extravars(run_id, built, (runtime_id, runtime_archive, runtime_python))
     command = "invoke deploy --host " + host + (" --check" if check else "")
     try:
         with lock_hosts(hosts, run_id, command) as locks:

@@ -44,9 +44,10 @@ def cli(*args: str, check: bool = True, timeout: int = 300, env: dict | None = N
     return proc
 
 
-def host_env(name: str) -> dict:
-    """APP_URL / API_TOKEN / DATABASE_URL of a host, parsed from `invoke sandbox.env` like `eval` would."""
-    out = cli("sandbox.env", "--host", name, prints_secrets=True).stdout
+def host_env(name: str, env: dict | None = None) -> dict:
+    """APP_URL / API_TOKEN / DATABASE_URL of a host, parsed from `invoke sandbox.env` like `eval` would
+    (``env``: e.g. another SLIPWAY_SANDBOX_INSTANCE)."""
+    out = cli("sandbox.env", "--host", name, env=env, prints_secrets=True).stdout
     values = {}
     for line in out.splitlines():
         assert line.startswith("export "), line

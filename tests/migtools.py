@@ -115,3 +115,36 @@ def incident_with(pgc, db, node_modules, tmp_path, tag: str, sql: str) -> Path:
     folder = folder_copy(tmp_path, upto=7)
     add_entry(folder, tag, WHEN_0007, sql)
     return folder
+
+
+def run_module_once(playbook: Path, extravars: dict, secret: str) -> dict:
+    """Run a one-task test playbook (task "Run the module") on the controller with the venv's Python,
+    through ansible-runner; returns the module's event kind, result and rc, and checks that
+    ``secret`` (a no_log parameter) appears in no output or event."""
+    import sys
+    import tempfile
+
+    import ansible_runner
+
+    from slipway.runner import env_for_ansible
+
+    private = Path(tempfile.mkdtemp(prefix="slipway-modtest-"))
+    events = []
+    try:
+        runner = ansible_runner.run(
+            private_data_dir=str(private),
+            playbook=str(playbook),
+            inventory=f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}",
+            extravars=extravars,
+            envvars=env_for_ansible(),  # ansible.cfg (collections path), the venv's ansible-playbook
+            quiet=True,
+            event_handler=lambda e: events.append(e) or True,
+        )
+        stdout = runner.stdout.read()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    results = [(e["event"], e["event_data"]["res"]) for e in events
+               if e.get("event") in ("runner_on_ok", "runner_on_failed") and e["event_data"].get("task") == "Run the module"]
+    assert len(results) == 1, stdout
+    assert secret not in stdout + json.dumps(events, default=str)  # never in any output or event
+    return {"event": results[0][0], "res": results[0][1], "rc": runner.rc}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import uuid
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -15,7 +14,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from conftest import Outputs, cli, sb
+from conftest import Outputs, cli, host_env, sb
 
 INSTANCE = {"SLIPWAY_SANDBOX_INSTANCE": "3"}
 CASES = ["health", "first view creates the row", "second view increments", "other view type has its own row",
@@ -70,11 +69,7 @@ def host():
         pytest.fail("the smoke tests need root: they create a sandbox host (user, sshd, PostgreSQL, PM2)")
     cli("sandbox.down", env=INSTANCE)
     cli("sandbox.up", "--state", "healthy", env=INSTANCE)
-    out = cli("sandbox.env", "--host", "sandbox", env=INSTANCE, prints_secrets=True).stdout
-    env = {}
-    for line in out.splitlines():
-        key, _, value = line[len("export "):].partition("=")
-        env[key] = shlex.split(value)[0]
+    env = host_env("sandbox", env=INSTANCE)
     env["DB_PASSWORD"] = urlsplit(env["DATABASE_URL"]).password
     assert env["SLIPWAY_SMOKE_BOOK_ID"] == sb.SMOKE_BOOK
     yield env

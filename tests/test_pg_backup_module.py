@@ -5,16 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import stat
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from migtools import MIGRATIONS, TAGS, seed_duplicates, stats
+from migtools import MIGRATIONS, TAGS, run_module_once, seed_duplicates, stats
 
 PLAYBOOK = ROOT / "tests" / "playbooks" / "pg_backup.yml"
 
@@ -41,35 +38,11 @@ def books_db(pgc, db) -> None:
 
 def run_module(pgc, db, backup_dir: Path, action: str = "create", check_mode: bool = False, **params) -> dict:
     """Run the module once; returns the event kind, its result (``res``) and the playbook's rc."""
-    import ansible_runner
-
-    from slipway.runner import env_for_ansible
-
-    private = Path(tempfile.mkdtemp(prefix="slipway-modtest-"))
-    events = []
     extravars = {"t_action": action, "t_backup_dir": str(backup_dir), "t_host": "127.0.0.1", "t_port": pgc.port,
                  "t_user": pgc.user, "t_password": pgc.password, "t_db": db, "t_check_mode": check_mode,
                  "t_host_label": "web-1"}
     extravars.update({f"t_{k}": v for k, v in params.items()})
-    try:
-        runner = ansible_runner.run(
-            private_data_dir=str(private),
-            playbook=str(PLAYBOOK),
-            inventory=f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}",
-            extravars=extravars,
-            envvars=env_for_ansible(),
-            quiet=True,
-            event_handler=lambda e: events.append(e) or True,
-        )
-        stdout = runner.stdout.read()
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
-    results = [(e["event"], e["event_data"]["res"]) for e in events
-               if e.get("event") in ("runner_on_ok", "runner_on_failed") and e["event_data"].get("task") == "Run the module"]
-    assert len(results) == 1, stdout
-    text = stdout + json.dumps(events, default=str)
-    assert pgc.password not in text  # no_log parameter, child env only: never in any output or event
-    return {"event": results[0][0], "res": results[0][1], "rc": runner.rc}
+    return run_module_once(PLAYBOOK, extravars, pgc.password)
 
 
 def ok(out: dict) -> dict:

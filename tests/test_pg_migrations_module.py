@@ -2,46 +2,19 @@
 the real test cluster: call, assert the result, query the database, repeat in check mode, repeat."""
 from __future__ import annotations
 
-import json
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 from conftest import ROOT, sb
-from migtools import MIGRATIONS, T0007, history, incident_db, incident_with, stats
+from migtools import MIGRATIONS, T0007, history, incident_db, incident_with, run_module_once, stats
 
 PLAYBOOK = ROOT / "tests" / "playbooks" / "pg_migrations.yml"
 
 
 def run_module(pgc, db, folder: Path, check_mode: bool) -> dict:
-    """Run the module once; returns its result (``res``) and the whole event stream text."""
-    import ansible_runner
-
-    from slipway.runner import env_for_ansible
-
-    private = Path(tempfile.mkdtemp(prefix="slipway-modtest-"))
-    events = []
-    try:
-        runner = ansible_runner.run(
-            private_data_dir=str(private),
-            playbook=str(PLAYBOOK),
-            inventory=f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}",
-            extravars={"t_migrations": str(folder), "t_host": "127.0.0.1", "t_port": pgc.port, "t_user": pgc.user,
-                       "t_password": pgc.password, "t_db": db, "t_check_mode": check_mode},
-            envvars=env_for_ansible(),  # ansible.cfg (collections path), the venv's ansible-playbook
-            quiet=True,
-            event_handler=lambda e: events.append(e) or True,
-        )
-        stdout = runner.stdout.read()
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
-    results = [(e["event"], e["event_data"]["res"]) for e in events
-               if e.get("event") in ("runner_on_ok", "runner_on_failed") and e["event_data"].get("task") == "Run the module"]
-    assert len(results) == 1, stdout
-    text = stdout + json.dumps(events, default=str)
-    assert pgc.password not in text  # no_log parameter: never in any output or event
-    return {"event": results[0][0], "res": results[0][1], "rc": runner.rc}
+    """Run the module once; returns the event kind, its result (``res``) and the playbook's rc."""
+    extravars = {"t_migrations": str(folder), "t_host": "127.0.0.1", "t_port": pgc.port, "t_user": pgc.user,
+                 "t_password": pgc.password, "t_db": db, "t_check_mode": check_mode}
+    return run_module_once(PLAYBOOK, extravars, pgc.password)
 
 
 def test_module_plans_applies_and_is_idempotent(pgc, db, node_modules, tmp_path):

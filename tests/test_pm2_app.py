@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import pwd
-import shlex
 import shutil
 import threading
 import time
@@ -19,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, Outputs, cli, sb
+from conftest import ROOT, Outputs, cli, host_env, sb
 
 INSTANCE = "4"
 I4 = {"SLIPWAY_SANDBOX_INSTANCE": INSTANCE}
@@ -51,11 +50,7 @@ def h4():
         pytest.fail("the pm2_app tests need root: they start a sandbox host")
     cli("sandbox.down", env=I4)
     cli("sandbox.up", "--state", "healthy", env=I4)
-    out = cli("sandbox.env", "--host", "sandbox", env=I4, prints_secrets=True).stdout
-    values = {}
-    for line in out.splitlines():
-        key, _, value = line[len("export "):].partition("=")
-        values[key] = shlex.split(value)[0]
+    values = host_env("sandbox", env=I4)
     with instance4():
         host = sb.find_host("sandbox")
     user = pwd.getpwnam(host.user)

@@ -36,6 +36,7 @@ VARIANT_FILE = "MOLECULE_VARIANT.txt"
 
 def write_vars(out: str, run_id: str, variant: str | None) -> None:
     from slipway import release
+    from slipway.deploy import deploy_extravars
     from slipway.paths import READER_APP
     from slipway.sandbox import app_files
 
@@ -50,19 +51,10 @@ def write_vars(out: str, run_id: str, variant: str | None) -> None:
         (dest / VARIANT_FILE).write_text("a release that differs from the sandbox's only by this file\n")
         spec = str(dest)
     built = release.build(spec)
-    runtime_id, runtime_archive, runtime_python = release.runtime()
-    data = {
-        "slipway_deploy_run_id": run_id,
-        "slipway_release_id": built.id,
-        "slipway_release_archive": str(built.archive),
-        "slipway_migrations": built.migrations,
-        "slipway_runtime_id": runtime_id,
-        "slipway_runtime_archive": str(runtime_archive),
-        "slipway_runtime_python": runtime_python,
-    }
+    data = deploy_extravars(run_id, built, release.runtime())
     Path(out).write_text("---\n# written by molecule/shared/sandbox_deploy.py: what `invoke deploy` passes\n"
                          + yaml.safe_dump(data, sort_keys=True))
-    print(f"release {built.id}, runtime {runtime_id}, {len(built.journal_tags)} migrations")
+    print(f"release {built.id}, runtime {data['slipway_runtime_id']}, {len(built.journal_tags)} migrations")
 
 
 def lock_hold(host: str, run_id: str, pidfile: str, logfile: str) -> None:

@@ -60,16 +60,6 @@ options:
   login_host:
     description: Database host (for the reset and the row counts).
     type: str
-  login_port:
-    description: Database port.
-    type: int
-    default: 5432
-  login_user:
-    description: Database role.
-    type: str
-  login_password:
-    description: Password of I(login_user).
-    type: str
   login_db:
     description: Database name; without it the reset and row counts are not done (I(reset) must then be false).
     type: str
@@ -116,6 +106,8 @@ options:
         description: Send the bearer token.
         type: bool
         default: true
+extends_documentation_fragment:
+  - slipway.core.postgres
 author:
   - slipway developers
 notes:
@@ -171,6 +163,7 @@ from urllib.request import ProxyHandler, Request, build_opener
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
+from ansible_collections.slipway.core.plugins.module_utils.postgres import postgres_argument_spec
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 MISSING = "<missing>"
@@ -275,7 +268,7 @@ class Smoke(object):
             cmd += ["-U", p["login_user"]]
         for name, value in sorted(variables.items()):
             cmd += ["-v", "%s=%s" % (name, value)]
-        env = {"PGCONNECT_TIMEOUT": str(int(max(1, p["timeout"]))), "PGAPPNAME": "slipway-smoke"}
+        env = {"PGCONNECT_TIMEOUT": str(max(1, p["connect_timeout"])), "PGAPPNAME": "slipway-smoke"}
         if p["login_password"]:
             env["PGPASSWORD"] = p["login_password"]
         rc, out, err = self.module.run_command(cmd, data=sql, environ_update=env)
@@ -468,11 +461,7 @@ def main():
             concurrency=dict(type="int", default=20),
             timeout=dict(type="float", default=10.0),
             reset=dict(type="bool", default=True),
-            login_host=dict(type="str"),
-            login_port=dict(type="int", default=5432),
-            login_user=dict(type="str"),
-            login_password=dict(type="str", no_log=True),
-            login_db=dict(type="str"),
+            **postgres_argument_spec(),
             psql_bin=dict(type="str", default="psql"),
             health_path=dict(type="str", default="/api/health"),
             expect_release=dict(type="str"),

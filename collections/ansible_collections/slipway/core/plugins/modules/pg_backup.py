@@ -35,23 +35,6 @@ options:
     description: Directory of the dump files and C(manifest.json); created with mode 0700 by C(create).
     type: path
     required: true
-  login_host:
-    description: Database host or unix socket directory.
-    type: str
-  login_port:
-    description: Database port.
-    type: int
-    default: 5432
-  login_user:
-    description: Database role (must own the objects to restore them).
-    type: str
-  login_password:
-    description: Password of I(login_user).
-    type: str
-  login_db:
-    description: Database name.
-    type: str
-    aliases: [db]
   host_label:
     description: The host's name in backup ids (the inventory hostname). Required by C(create) and by
       C(restore) with a safety backup.
@@ -78,10 +61,8 @@ options:
   pg_bin_dir:
     description: Directory holding C(psql), C(pg_dump) and C(pg_restore); default is the PATH.
     type: path
-  connect_timeout:
-    description: Seconds to wait for the database connection.
-    type: int
-    default: 10
+extends_documentation_fragment:
+  - slipway.core.postgres
 author:
   - slipway developers
 notes:
@@ -183,6 +164,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.slipway.core.plugins.module_utils import backup as bk
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
+from ansible_collections.slipway.core.plugins.module_utils.postgres import postgres_argument_spec
 
 
 class Pg(object):
@@ -395,11 +377,7 @@ def main():
         argument_spec=dict(
             action=dict(type="str", default="create", choices=["plan", "create", "list", "restore"]),
             backup_dir=dict(type="path", required=True),
-            login_host=dict(type="str"),
-            login_port=dict(type="int", default=5432),
-            login_user=dict(type="str"),
-            login_password=dict(type="str", no_log=True),
-            login_db=dict(type="str", aliases=["db"]),
+            **postgres_argument_spec(),
             host_label=dict(type="str"),
             release=dict(type="str", default="none"),
             reason=dict(type="str", default="deploy"),
@@ -407,7 +385,6 @@ def main():
             backup_id=dict(type="str"),
             safety_backup=dict(type="bool", default=True),
             pg_bin_dir=dict(type="path"),
-            connect_timeout=dict(type="int", default=10),
         ),
         supports_check_mode=True,
     )

@@ -39,27 +39,6 @@ options:
   dsn:
     description: A libpq connection string or URL; combined with the I(login_*) options.
     type: str
-  login_host:
-    description: Database host or unix socket directory.
-    type: str
-  login_port:
-    description: Database port.
-    type: int
-    default: 5432
-  login_user:
-    description: Database role.
-    type: str
-  login_password:
-    description: Password of I(login_user).
-    type: str
-  login_db:
-    description: Database name.
-    type: str
-    aliases: [db]
-  connect_timeout:
-    description: Seconds to wait for the connection.
-    type: int
-    default: 10
   tracking_schema:
     description: Schema of the tracking table (drizzle's C(migrationsSchema)).
     type: str
@@ -95,6 +74,8 @@ options:
 requirements:
   - psycopg >= 3.1
   - pglast >= 6
+extends_documentation_fragment:
+  - slipway.core.postgres
 author:
   - slipway developers
 notes:
@@ -147,6 +128,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # no
 from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
 from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder  # noqa: E402
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils.postgres import postgres_argument_spec  # noqa: E402
 
 
 def write_folder(top, content):
@@ -169,12 +151,7 @@ def main():
             migrations_path=dict(type="path"),
             migrations_content=dict(type="dict"),
             dsn=dict(type="str", no_log=True),
-            login_host=dict(type="str"),
-            login_port=dict(type="int", default=5432),
-            login_user=dict(type="str"),
-            login_password=dict(type="str", no_log=True),
-            login_db=dict(type="str", aliases=["db"]),
-            connect_timeout=dict(type="int", default=10),
+            **postgres_argument_spec(),
             tracking_schema=dict(type="str", default=engine.DEFAULT_SCHEMA),
             tracking_table=dict(type="str", default=engine.DEFAULT_TABLE),
             include_skipped=dict(type="bool", default=False),
