@@ -175,6 +175,10 @@ class GateFailed(Exception):
     """The action or the health gate did not reach a healthy app in time (message: one line)."""
 
 
+class WrongRelease(GateFailed):
+    """A stable, online instance answers with another release than expected."""
+
+
 def _one_line(text, limit=300):
     text = " ".join(_ANSI.sub("", str(text or "")).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -312,7 +316,9 @@ class Pm2App(object):
 
     # ---------------------------------------------------------------- health
     def probe(self, timeout):
-        """(status or None, release or None, one-line redacted detail)."""
+        """(status or None, release or None, one-line redacted detail); ``self.last_pid`` is the pid
+        that answered (the app reports it), or None."""
+        self.last_pid = None
         try:
             resp = self.opener.open(Request(self.health_url, method="GET"), timeout=timeout)
             status, raw = resp.getcode(), resp.read(4096)
@@ -328,6 +334,7 @@ class Pm2App(object):
         except ValueError:
             body = None
         release = body.get("release") if isinstance(body, dict) else None
+        self.last_pid = body.get("pid") if isinstance(body, dict) else None
         return status, release, redact_text(_one_line("HTTP %s %s" % (status, text), 200))
 
     def _describe(self, summary):
@@ -335,9 +342,14 @@ class Pm2App(object):
             summary["online"], summary["instances"], ",".join(summary["statuses"]) or "none", summary["restarts"])
 
     def gate(self, release, deadline, needed, stable_seconds):
-        """Wait until the app is healthy; returns (summary, health) or raises GateFailed."""
+        """Wait until the app is healthy: every instance online with unchanged restart counts for
+        ``stable_seconds``, ``needed`` consecutive 200s reporting ``release``, and every PM2 pid
+        seen answering with it (the kernel spreads connections unevenly, so consecutive successes
+        alone could all come from one worker). Returns (summary, health); raises WrongRelease when
+        a stable, online instance keeps answering with another release, GateFailed on timeout."""
         stable_since, signature, summary = None, None, app_summary([], self.app_name)
         successes, status, seen_release, detail = 0, None, None, "no probe yet"
+        good, wrong = set(), {}
         next_look = 0.0
         while True:
             now = time.time()
@@ -351,14 +363,31 @@ class Pm2App(object):
                 elif sig != signature:
                     stable_since, signature = now, sig
             status, seen_release, detail = self.probe(min(2.0, max(0.2, deadline - now)))
-            successes = successes + 1 if status == 200 and seen_release == release else 0
+            pid = self.last_pid
+            if status == 200 and seen_release == release:
+                successes += 1
+                good.add(pid)
+                wrong.pop(pid, None)
+            else:
+                successes = 0
+                if status == 200 and pid is not None:
+                    good.discard(pid)
+                    wrong[pid] = seen_release
             now = time.time()
             need = needed or 2 * max(summary["instances"], 1)
-            if stable_since is not None and now - stable_since >= stable_seconds and successes >= need:
+            stable = stable_since is not None and now - stable_since >= stable_seconds
+            pids = set(summary["pids"])
+            if stable and successes >= need and (pids <= good or None in good):  # None: the app does not report its pid
                 return summary, dict(status=status, release=seen_release, successes=successes)
+            stale = {p: r for p, r in wrong.items() if p in pids}
+            if stable and stale:
+                raise WrongRelease("instance pid %s still answers with release %s, not %s" % (
+                    ", ".join(str(p) for p in sorted(stale)), ", ".join(sorted(set(map(str, stale.values())))), release))
             if now >= deadline:
-                raise GateFailed("health gate: %s; health %s (%d/%d consecutive 200s of release %s)" % (
-                    self._describe(summary), detail, successes, need, release))
+                missing = sorted(pids - good)
+                raise GateFailed("health gate: %s; health %s (%d/%d consecutive 200s of release %s%s)" % (
+                    self._describe(summary), detail, successes, need, release,
+                    "; never heard from pid %s" % ", ".join(map(str, missing)) if missing else ""))
             time.sleep(0.1)
 
     def err_tail(self, since, lines=5):
@@ -500,7 +529,16 @@ def main():
         if action == "none":
             summary, health = app.gate(release, deadline, 1, 0)
         else:
-            summary, health = app.gate(release, deadline, p["health_successes"], p["stable_seconds"])
+            try:
+                summary, health = app.gate(release, deadline, p["health_successes"], p["stable_seconds"])
+            except WrongRelease as exc:
+                # e.g. a worker PM2 auto-restarted during a failed reload kept that reload's
+                # environment: reload once more (zero-downtime), then the gate must pass
+                module.warn("%s; reloading once more" % exc)
+                result["reason"] = (reason + "; " if reason else "") + "reloaded again: " + str(exc)
+                app.run_pm2(["reload", app.ecosystem, "--update-env"], release, deadline, app_summary(
+                    app.jlist(), app.app_name)["restarts"])
+                summary, health = app.gate(release, deadline, p["health_successes"], p["stable_seconds"])
     except (GateFailed, subprocess.TimeoutExpired) as exc:
         result["seconds"] = round(time.time() - started, 2)
         try:
