@@ -238,8 +238,10 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
                       f"(restore: invoke rollback --host {name} --db restore --backup {backup.get('id')})", file=out)
     if check:
         tail = f"checked {built.id} for {', '.join(hosts)} in {report['seconds']:.1f}s; a deploy would make {report['changed']} change(s)"
-    else:
+    elif report["result"] == "ok":
         tail = f"deployed {built.id} to {', '.join(hosts)} in {report['seconds']:.1f}s, {report['changed']} change(s)"
+    else:
+        tail = f"{built.id} was not deployed to {', '.join(hosts)} ({report['seconds']:.1f}s; see the failure above)"
     print(f"\n{report['result'].upper()}: {tail}", file=out, flush=True)
     if report_path:
         Path(report_path).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")

@@ -353,6 +353,16 @@ def test_bad_input_is_one_line_and_changes_nothing(hosts, tmp_path):
         proc = cli(*args, check=False)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+    # a host that lacks a tool a later phase needs is stopped in preflight, before any change
+    extra = sb.Controller().inventory_dir / "host_vars" / "sandbox" / "tools.yml"
+    extra.write_text("preflight_required_tools: [node, pm2, no-such-tool-xyz]\n")
+    try:
+        proc, report = deploy("--host", "sandbox", expect=1)
+    finally:
+        extra.unlink()
+    failure = report["hosts"]["sandbox"]["failure"]
+    assert failure["phase"] == "preflight" and "no-such-tool-xyz not found" in failure["cause"], proc.stdout
+    assert "stopped before any change" in proc.stdout
     assert (current(host), pm2_pids(host), sorted(os.listdir(host.backup_dir))) == before
 
 
