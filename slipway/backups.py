@@ -95,9 +95,10 @@ def _db_name(host: str, backup_id: str) -> str:
     return str(name or bk.parse_id(backup_id)["db"])
 
 
-def restore(host: str, backup_id: str, yes: bool = False, as_json: bool = False, ask=input, progress=None) -> int:
-    """Restore ``backup_id`` on one host after a safety backup; asks for the host name unless ``yes``."""
-    from .runner import resolve_target, run_playbook
+def restore_target(host: str, backup_id: str) -> str:
+    """The one inventory host a restore of ``backup_id`` may run on, or a one-line SlipwayError
+    (a group, a malformed id, a backup taken on another host)."""
+    from .runner import resolve_target
 
     hosts = resolve_target(host)
     if len(hosts) != 1:
@@ -110,19 +111,33 @@ def restore(host: str, backup_id: str, yes: bool = False, as_json: bool = False,
     if parsed["host"] != bk.sanitize(target):
         raise SlipwayError(f"backup {backup_id} was taken on host {parsed['host']}, not {target}; "
                            f"restore it there or pick a backup of {target}")
+    return target
+
+
+def confirm_restore(target: str, backup_id: str, ask=input, to_stderr: bool = False) -> None:
+    """Ask for the host name before ``backup_id`` replaces ``target``'s database; SlipwayError unless
+    it is typed (``to_stderr``: the prompt goes to stderr, so stdout stays one JSON document)."""
+    prompt = CONFIRM.format(db=_db_name(target, backup_id), host=target, id=backup_id)
+    try:
+        if to_stderr:
+            sys.stderr.write(prompt)
+            sys.stderr.flush()
+            answer = ask("")
+        else:
+            answer = ask(prompt)
+    except EOFError:
+        answer = ""
+    if answer.strip() != target:
+        raise SlipwayError("restore not confirmed; nothing changed")
+
+
+def restore(host: str, backup_id: str, yes: bool = False, as_json: bool = False, ask=input, progress=None) -> int:
+    """Restore ``backup_id`` on one host after a safety backup; asks for the host name unless ``yes``."""
+    from .runner import run_playbook
+
+    target = restore_target(host, backup_id)
     if not yes:
-        prompt = CONFIRM.format(db=_db_name(target, backup_id), host=target, id=backup_id)
-        try:
-            if as_json:  # stdout carries the JSON document only
-                sys.stderr.write(prompt)
-                sys.stderr.flush()
-                answer = ask("")
-            else:
-                answer = ask(prompt)
-        except EOFError:
-            answer = ""
-        if answer.strip() != target:
-            raise SlipwayError("restore not confirmed; nothing changed")
+        confirm_restore(target, backup_id, ask, to_stderr=as_json)
     result = run_playbook("restore.yml", target, {"restore_backup_id": backup_id}, progress=progress)
     if as_json:
         print(_document("restore", result))

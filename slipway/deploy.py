@@ -252,6 +252,7 @@ def rollback(host: str, release: str | None = None, db: str | None = None, backu
              yes: bool = False, out=sys.stdout, ask=input) -> int:
     """Point `current` back at the release before the current one (or ``release``), reload and gate
     on health; with ``db="restore"`` also restore the database from ``backup`` (safety backup first)."""
+    from . import backups
     from .remote import LockHeld, lock_hosts
     from .runner import resolve_target, run_playbook
 
@@ -262,14 +263,13 @@ def rollback(host: str, release: str | None = None, db: str | None = None, backu
     if backup and not db:
         raise SlipwayError("--backup is only used with --db restore; add --db restore to restore the database")
     hosts = resolve_target(host)
-    if db and not yes:
-        if not sys.stdin.isatty():
-            raise SlipwayError(f"restoring {', '.join(hosts)} from {backup} replaces the database (a safety backup is "
-                               "taken first); confirm by running it in a terminal or pass --yes")
-        answer = ask(f"Restore the database of {', '.join(hosts)} from {backup}? A safety backup is taken first. "
-                     "Type the host name to confirm: ")
-        if answer.strip() != host:
-            raise SlipwayError("restore not confirmed; nothing changed")
+    if db:
+        target = backups.restore_target(host, backup)  # one host, a backup of that host
+        if not yes:
+            if not sys.stdin.isatty():
+                raise SlipwayError(f"restoring {target} from {backup} replaces the database (a safety backup is "
+                                   "taken first); confirm by running it in a terminal or pass --yes")
+            backups.confirm_restore(target, backup, ask)
     run_id = new_run_id()
     extravars = {"slipway_deploy_run_id": run_id}
     if release:
