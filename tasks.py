@@ -67,7 +67,7 @@ def env(c, host="sandbox"):
 @cli
 def ping(c, host, json=False):
     """Reach hosts over SSH (strict host keys) with Ansible and read their PM2 state."""
-    from slipway.runner import resolve_target, run_playbook
+    from slipway.runner import print_failures, resolve_target, run_playbook
 
     resolve_target(host)
     result = run_playbook("ping.yml", host)
@@ -78,9 +78,7 @@ def ping(c, host, json=False):
         for name, info in sorted(state.items()):
             app = info["pm2"]
             print(f"{name:<14} reachable  pm2 {app['online']}/{app['instances']} online  current -> {info['current']}")
-        for failure in result["failures"]:
-            where = f"{failure['task']}: " if failure["task"] else ""
-            print(f"{failure['host']:<14} FAILED     {where}{failure['msg']}")
+        print_failures(result)
     if result["rc"] != 0:
         raise Exit(code=1)
 

@@ -28,12 +28,6 @@ def human_size(size) -> str:
     return str(size)
 
 
-def _print_failures(result: dict, stream=sys.stdout) -> None:
-    for failure in result["failures"]:
-        where = f"{failure['task']}: " if failure["task"] else ""
-        print(f"{failure['host']:<14} FAILED     {where}{failure['msg']}", file=stream)
-
-
 def _document(key: str, result: dict) -> str:
     return json.dumps({key: result["data"].get(key, {}), "failures": result["failures"], "rc": result["rc"]},
                       indent=2, sort_keys=True)
@@ -41,7 +35,7 @@ def _document(key: str, result: dict) -> str:
 
 def backup(host: str, as_json: bool = False, progress=None) -> int:
     """Take a verified backup now on every host ``host`` names (reason "manual")."""
-    from .runner import resolve_target, run_playbook
+    from .runner import print_failures, resolve_target, run_playbook
 
     resolve_target(host)
     result = run_playbook("backup.yml", host, progress=progress)
@@ -57,13 +51,13 @@ def backup(host: str, as_json: bool = False, progress=None) -> int:
             pruned = ", ".join(info.get("pruned") or []) or "none"
             print(f"{name:<14} backup {info['id']}\n{'':<14} path {info['path']}  size {human_size(info.get('size'))}"
                   f"  toc entries {info.get('toc_entries')}  pruned: {pruned}")
-        _print_failures(result)
+        print_failures(result)
     return 0 if result["rc"] == 0 else 1
 
 
 def list_backups(host: str, as_json: bool = False) -> int:
     """Print the backups each host's manifest lists (newest first), and whether each file is intact in size."""
-    from .runner import resolve_target, run_playbook
+    from .runner import print_failures, resolve_target, run_playbook
 
     resolve_target(host)
     result = run_playbook("backup_list.yml", host)
@@ -76,20 +70,16 @@ def list_backups(host: str, as_json: bool = False) -> int:
             for entry in sorted(entries, key=lambda e: e.get("created", ""), reverse=True):
                 state = "ok" if entry.get("size_ok") else ("MISSING" if not entry.get("exists") else "SIZE MISMATCH")
                 print(f"{name:<14} {entry['id']}  {entry.get('reason', '-'):<11} {human_size(entry.get('size')):>10}  {state}")
-        _print_failures(result)
+        print_failures(result)
     return 0 if result["rc"] == 0 else 1
 
 
 def _db_name(host: str, backup_id: str) -> str:
     """The host's slipway_db_name from the inventory, else the database part of the backup id."""
-    from ansible.inventory.manager import InventoryManager
-    from ansible.parsing.dataloader import DataLoader
-
-    from .runner import inventories
+    from .remote import host_vars
 
     try:
-        manager = InventoryManager(loader=DataLoader(), sources=inventories())
-        name = manager.get_host(host).get_vars().get("slipway_db_name")
+        name = host_vars(host).render("slipway_db_name")
     except Exception:  # noqa: BLE001 - only for the prompt's wording
         name = None
     return str(name or bk.parse_id(backup_id)["db"])
@@ -133,7 +123,7 @@ def confirm_restore(target: str, backup_id: str, ask=input, to_stderr: bool = Fa
 
 def restore(host: str, backup_id: str, yes: bool = False, as_json: bool = False, ask=input, progress=None) -> int:
     """Restore ``backup_id`` on one host after a safety backup; asks for the host name unless ``yes``."""
-    from .runner import run_playbook
+    from .runner import print_failures, run_playbook
 
     target = restore_target(host, backup_id)
     if not yes:
@@ -148,5 +138,5 @@ def restore(host: str, backup_id: str, yes: bool = False, as_json: bool = False,
                 continue
             safety = info.get("safety_backup") or "none"
             print(f"{name:<14} restored {info['restored']}\n{'':<14} safety backup {safety}")
-        _print_failures(result)
+        print_failures(result)
     return 0 if result["rc"] == 0 else 1

@@ -121,6 +121,13 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
         shutil.rmtree(private, ignore_errors=True)
 
 
+def print_failures(result: dict, stream=None) -> None:
+    """One line per failed host of a run_playbook result: host, task, message."""
+    for failure in result["failures"]:
+        where = f"{failure['task']}: " if failure["task"] else ""
+        print(f"{failure['host']:<14} FAILED     {where}{failure['msg']}", file=stream or sys.stdout)
+
+
 def resolve_target(target: str) -> list[str]:
     """Hosts that ``target`` (host or group) names in the inventories, or a one-line error."""
     from ansible.inventory.manager import InventoryManager
