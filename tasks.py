@@ -233,14 +233,18 @@ def demo(c):
         "no_rehearse": "with --check: static preflight only, no rehearsal transaction",
         "schema": "tracking table schema (default drizzle)",
         "table": "tracking table (default __drizzle_migrations)",
-        "lock_timeout": "PostgreSQL lock_timeout for the rehearsal and the apply (default 5s)",
+        "lock_timeout": "PostgreSQL lock_timeout with --one-transaction, and while a concurrent index build waits (default 5s)",
         "lock_wait": "seconds to wait for another running migration (default 10)",
+        "one_transaction": "drizzle's own behaviour: the whole set in one transaction, no concurrent index builds",
+        "online_min_rows": "build indexes CONCURRENTLY on existing tables of at least this many rows (default 10000)",
+        "online_lock_timeout": "lock_timeout of each online transaction; a lock not granted in time retries (default 20ms)",
     }
 )
 @cli
 def migrate(c, migrations, dsn_env="DATABASE_URL", check=False, json=False, include_skipped=False,
             allow_tampered=False, allow_unknown=False, no_rehearse=False, schema="drizzle",
-            table="__drizzle_migrations", lock_timeout="5s", lock_wait=10.0):
+            table="__drizzle_migrations", lock_timeout="5s", lock_wait=10.0, one_transaction=False,
+            online_min_rows=10000, online_lock_timeout="20ms"):
     """Drizzle-compatible migrations against a database: plan, preflight, rehearse, apply (exit 0 ok, 1 error, 2 pending with --check)."""
     from slipway import migrations as mig
 
@@ -248,10 +252,16 @@ def migrate(c, migrations, dsn_env="DATABASE_URL", check=False, json=False, incl
         wait = float(lock_wait)
     except ValueError:
         raise SlipwayError(f"--lock-wait {lock_wait!r} is not a number of seconds; pass e.g. --lock-wait 10") from None
+    try:
+        min_rows = int(online_min_rows)
+    except ValueError:
+        raise SlipwayError(f"--online-min-rows {online_min_rows!r} is not a whole number; pass e.g. --online-min-rows 10000") from None
     doc, error, code = mig.run(dsn_env, migrations, check, include_skipped=include_skipped,
                                allow_tampered=allow_tampered, allow_unknown=allow_unknown,
                                rehearse=not no_rehearse, schema=schema, table=table,
-                               lock_timeout=lock_timeout, lock_wait=wait)
+                               lock_timeout=lock_timeout, lock_wait=wait,
+                               mode="transaction" if one_transaction else "online", min_rows=min_rows,
+                               online_lock_timeout=online_lock_timeout)
     if json:
         print(jsonlib.dumps(doc if doc is not None else {"result": "error", "error": error}, indent=2, sort_keys=True))
     elif doc is not None:

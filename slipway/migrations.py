@@ -32,7 +32,8 @@ def run(dsn_env: str, migrations: str, check: bool, **options) -> tuple[dict | N
 
 def run_dsn(dsn: str, migrations: str, check: bool, include_skipped=False, allow_tampered=False,
             allow_unknown=False, rehearse=True, schema=engine.DEFAULT_SCHEMA, table=engine.DEFAULT_TABLE,
-            lock_timeout="5s", lock_wait=10.0) -> tuple[dict | None, str | None, int]:
+            lock_timeout="5s", lock_wait=10.0, mode="online", min_rows=10000,
+            online_lock_timeout="20ms") -> tuple[dict | None, str | None, int]:
     """Plan (``check``) or apply; returns (document, error line, exit code). Never raises for a
     user-facing problem."""
     conn = None
@@ -41,11 +42,12 @@ def run_dsn(dsn: str, migrations: str, check: bool, include_skipped=False, allow
         conn = engine.connect(dsn)
         eng = engine.Engine(conn, folder, schema=schema, table=table, include_skipped=include_skipped,
                             allow_tampered=allow_tampered, allow_unknown=allow_unknown,
-                            lock_timeout=lock_timeout, lock_wait=lock_wait)
+                            lock_timeout=lock_timeout, lock_wait=lock_wait, mode=mode, min_rows=min_rows,
+                            online_lock_timeout=online_lock_timeout)
         if check:
             doc = eng.check(rehearse=rehearse)
             code = 1 if doc["blockers"] else (EXIT_PENDING if doc["to_apply"] else 0)
-            error = ("apply would be refused: " + doc["blockers"][0]) if doc["blockers"] else None
+            error = _name_flags("apply would be refused: " + doc["blockers"][0]) if doc["blockers"] else None
             return _finish(doc, dsn), error, code
         doc = eng.apply()
         return _finish(doc, dsn), None, 0
@@ -53,10 +55,20 @@ def run_dsn(dsn: str, migrations: str, check: bool, include_skipped=False, allow
         doc = _finish(exc.plan, dsn) if exc.plan else None
         if doc is not None:
             doc["error"] = doc.get("error") or str(exc)
-        return doc, redact_text(str(exc), known=_secrets(dsn)), 1
+        return doc, _name_flags(redact_text(str(exc), known=_secrets(dsn))), 1
     finally:
         if conn is not None:
             conn.close()
+
+
+_FLAGS = {"allow_tampered": "--allow-tampered", "include_skipped": "--include-skipped", "allow_unknown": "--allow-unknown"}
+
+
+def _name_flags(text: str | None) -> str | None:
+    """The engine names its overrides in words; `invoke migrate` has a flag for each."""
+    for key, words in engine.OVERRIDES.items():
+        text = text.replace(words, "pass " + _FLAGS[key]) if text else text
+    return text
 
 
 def _secrets(dsn: str) -> list[str]:
@@ -99,6 +111,10 @@ def render(doc: dict) -> list[str]:
     for check in (doc.get("preflight") or {}).get("checks", []):
         checks_by_tag.setdefault(check["tag"], []).append(check)
     applied_now = set(doc.get("applied_now") or [])
+    execution = doc.get("execution") or {}
+    how: dict[tuple[str, int], list[dict]] = {}
+    for entry in execution.get("statements", []):
+        how.setdefault((entry["tag"], entry["statement"]), []).append(entry)
     for mig in doc["migrations"]:
         status = "applied now" if mig["tag"] in applied_now else mig["status"]
         out.append(f"  {status:<11} {mig['tag']}  ({mig['statements']} statement{'s' if mig['statements'] != 1 else ''})")
@@ -106,12 +122,17 @@ def render(doc: dict) -> list[str]:
             for number, text in enumerate(mig.get("sql") or [], 1):
                 if text.strip():
                     out.append(f"      {number}. {_first_line(text)}")
+                for entry in how.get((mig["tag"], number), []):
+                    part = f" (statement {number}.{entry['part']})" if entry.get("part") else ""
+                    out.append(f"         runs{part}: {entry['how']}; why: {entry['why']}")
         if mig["status"] == "tampered":
             out.append(f"      tracking row {mig['row_id']} hash {mig['applied_hash'][:12]}…, file now {mig['hash'][:12]}…")
         for c in checks_by_tag.get(mig["tag"], []):
             out.append("      " + _check_line(c))
     for row in doc.get("unknown_rows", []):
         out.append(f"  unknown     tracking row {row['id']} created_at {row['created_at']} hash {str(row['hash'])[:12]}…")
+    if doc.get("to_apply") and execution.get("summary") and not applied_now:
+        out.append(f"  execution   {execution['mode']}: {execution['summary']}")
     rehearsal = (doc.get("preflight") or {}).get("rehearsal")
     if rehearsal:
         if rehearsal["ok"]:
@@ -119,6 +140,14 @@ def render(doc: dict) -> list[str]:
                        f"({doc['timings_ms'].get('rehearsal', 0):.0f} ms)")
         else:
             out.append("  rehearsal   FAILED: " + engine.describe_failure(rehearsal["failure"]) + " (rolled back)")
+        for item in rehearsal.get("not_rehearsed", []):
+            out.append(f"  rehearsal   not run: {item}")
+    for build in doc.get("builds", []):
+        extra = f", {build['ms']:.0f} ms" if "ms" in build else ""
+        note = f": {build['note']}" if build.get("note") else ""
+        out.append(f"  index       {build['index']} ({build['statement']}) {build['result']}{extra}{note}")
+    if doc.get("committed") and doc.get("result") == "failed":
+        out.append("  committed   before the failure: " + "; ".join(doc["committed"]))
     would = doc.get("drizzle_would_apply", [])
     if would != doc["to_apply"]:
         out.append(f"  drizzle     its own migrator would run: {', '.join(would) or 'nothing'}")

@@ -40,7 +40,6 @@ def test_reader_reads_the_journal_and_hashes_like_drizzle():
         ("bad_json", "_journal.json is malformed JSON"),
         ("no_entries", 'has no "entries" list'),
         ("missing_sql", "0004_add_books_title_index.sql not found: the journal lists it (idx 4)"),
-        ("extra_sql", "9999_stray.sql is not in the journal"),
         ("dup_idx", "idx 3 is also used by 0003_create_reading_progress"),
         ("dup_tag", "lists tag 0002_create_book_view_statistics twice"),
         ("bad_when", 'entry 0001_add_book_metadata has no valid "when"'),
@@ -59,8 +58,6 @@ def test_reader_refuses_a_damaged_folder_with_one_line_naming_the_file(tmp_path,
         journal_path.write_text('{"version": "7", "dialect": "postgresql"}')
     elif damage == "missing_sql":
         (folder / "0004_add_books_title_index.sql").unlink()
-    elif damage == "extra_sql":
-        (folder / "9999_stray.sql").write_text("SELECT 1;")
     elif damage in ("dup_idx", "dup_tag", "bad_when"):
         if damage == "dup_idx":
             journal["entries"][4]["idx"] = 3
@@ -278,7 +275,7 @@ def test_duplicates_with_consolidation_pass_and_view_counts_are_preserved(pgc, d
     assert check["statement"] == 3 and check["live"]["groups"] == 3 and check["ok"] and check["verified"]
     assert check["consolidated_by"] == ["statement 1", "statement 2"]
     assert check["at_statement"]["groups"] == 0  # counted inside the rehearsal, after statements 1-2
-    assert plan["preflight"]["rehearsal"] == {"ok": True, "failure": None, "statements": 3}
+    assert plan["preflight"]["rehearsal"] == {"ok": True, "failure": None, "statements": 3, "attempts": 1}
     assert stats(pgc, db) == before  # the rehearsal was rolled back
 
     doc = as_json(migrate(pgc, db, MIGRATIONS, "--json", check=True))

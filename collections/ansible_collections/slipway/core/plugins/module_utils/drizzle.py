@@ -119,15 +119,16 @@ def read_folder(folder):
             "statements": sql.split(BREAKPOINT),
         })
 
+    # drizzle's migrator reads only what the journal lists: a stray .sql is ignored there, and here
     listed = set(seen_tag)
+    warnings = []
     for name in sorted(os.listdir(folder)):
         if name.endswith(".sql") and name[:-4] not in listed and os.path.isfile(os.path.join(folder, name)):
-            raise MigrationError(
-                "%s is not in the journal %s: drizzle would never run it; add it with drizzle-kit or move it out"
-                % (os.path.join(folder, name), journal_path)
+            warnings.append(
+                "%s is not in the journal: drizzle's migrator never runs it, and neither does slipway; "
+                "add it with drizzle-kit if it is meant to run, or move it out of the folder" % os.path.join(folder, name)
             )
 
-    warnings = []
     newest = None
     for mig in migrations:
         if newest is not None and mig["when"] <= newest["when"]:

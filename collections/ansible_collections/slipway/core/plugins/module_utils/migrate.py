@@ -22,6 +22,7 @@ Requires psycopg 3 and pglast on the machine that runs it.
 """
 from __future__ import absolute_import, annotations, division, print_function
 
+import random
 import time
 import zlib
 
@@ -30,6 +31,7 @@ from ansible_collections.slipway.core.plugins.module_utils.drizzle import (
     classify,
     counts,
 )
+from ansible_collections.slipway.core.plugins.module_utils import statements as stmts
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
 __metaclass__ = type
@@ -60,6 +62,12 @@ LOCK_CLASS = 0x736C7770  # "slwp": the advisory lock namespace of slipway migrat
 SAMPLE_KEYS = 5
 DEFAULT_SCHEMA = "drizzle"
 DEFAULT_TABLE = "__drizzle_migrations"
+# the overrides, as blockers name them; each front end (CLI, role) says how to set them
+OVERRIDES = {
+    "allow_tampered": "allow tampered history",
+    "include_skipped": "include skipped migrations",
+    "allow_unknown": "allow unknown tracking rows",
+}
 
 
 class MigrationFailed(MigrationError):
@@ -359,14 +367,15 @@ def _constraint_check(conn, mig, number, op, created, writes):
     mine = [(t, n) for t, n, table in writes if _same_table(op["table"], table)]
     by = [("statement %d" % n) if t == mig["tag"] else ("%s statement %d" % (t, n)) for t, n in mine]
     check["written_in_statement"] = (mig["tag"], number) in mine
-    if op["kind"] == "unique":
-        live = count_duplicates(conn, op, relation)
-        bad = live["groups"] > 0 or live["null_rows"] > 0
-    else:
-        live = {"null_rows": count_nulls(conn, op, relation)}
-        bad = live["null_rows"] > 0
-    check["live"] = live
     check["consolidated_by"] = by
+    live, error = _count(conn, op, relation)
+    if error is not None:
+        # e.g. a column an earlier pending statement adds: only running them can tell
+        check.update(ok=True, verified=False, live=None, note="cannot be counted before the pending statements "
+                     "run (%s); the rehearsal counts it right before the statement" % error)
+        return check
+    bad = live["groups"] > 0 or live["null_rows"] > 0 if op["kind"] == "unique" else live["null_rows"] > 0
+    check["live"] = live
     if not bad:
         check.update(ok=True, verified=True)
     elif by:
@@ -401,13 +410,182 @@ def _checks_by_statement(checks):
     return out
 
 
+def _count(conn, op, relation):
+    """(live counts, None) or (None, the database's one-line reason it cannot count now). Runs in a
+    savepoint (or a transaction of its own): a count that fails never aborts the caller's work."""
+    try:
+        with conn.transaction():
+            if op["kind"] == "unique":
+                return count_duplicates(conn, op, relation), None
+            return {"null_rows": count_nulls(conn, op, relation)}, None
+    except psycopg.Error as exc:
+        return None, "%s %s" % (getattr(exc, "sqlstate", None) or "-", _one_line(getattr(exc.diag, "message_primary", None) or exc))
+
+
 def _recount(conn, check):
     relation = _relation(conn, check["op"]["table"])
     if relation is None:
         return None
-    if check["kind"] == "unique":
-        return count_duplicates(conn, check["op"], relation)
-    return {"null_rows": count_nulls(conn, check["op"], relation)}
+    return _count(conn, check["op"], relation)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# How each statement runs: the program
+# --------------------------------------------------------------------------------------------
+MODES = ("online", "transaction")
+IN_TRANSACTION = "in the transaction"
+
+
+def _rows_at_least(conn, relation, min_rows):
+    """Whether the table holds at least ``min_rows`` rows (the planner's estimate when it has one,
+    else a count that stops at ``min_rows``); also returns the figure for the plan."""
+    est = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+                       (relation.as_string(conn),)).fetchone()
+    if est and est[0] is not None and est[0] >= 0:
+        return est[0] >= min_rows, int(est[0])
+    if min_rows <= 0:
+        return True, None
+    n = conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT {}) AS s").format(
+        relation, sql.Literal(int(min_rows)))).fetchone()[0]
+    return n >= min_rows, int(n)
+
+
+def _human_rows(n):
+    if n is None:
+        return "rows (never analysed)"
+    if n >= 1000000:
+        return "~%.1fM rows" % (n / 1e6)
+    if n >= 1000:
+        return "~%dk rows" % (n // 1000)
+    return "%d rows" % n
+
+
+def build_program(conn, to_apply, mode="online", min_rows=10000):
+    """How the set runs: ``{"mode", "prebuilds", "sequence", "atomic", "blockers", "statements"}``.
+
+    ``sequence`` items run in order: ``sql`` (in a transaction), ``build`` (an index built
+    CONCURRENTLY outside any transaction, after committing what came before) and ``track`` (a
+    migration's tracking row, in the transaction of its last statement). ``prebuilds`` are builds
+    that depend on nothing pending: they run before the first transaction, which keeps the rest
+    atomic. ``statements`` describes, per statement that does not simply run in the transaction,
+    how it runs and why. Mode ``transaction`` is drizzle's: everything in one transaction."""
+    prebuilds, sequence, blockers, described = [], [], [], []
+    seen = []  # (tag, number, tables referenced) of every statement before the current one
+    created = []
+    for mig in to_apply:
+        writes_here = []  # (sql item, tables written) of this migration, for re-running consolidations
+        for number, text in enumerate(mig["statements"], 1):
+            if not text.strip():
+                continue
+            split = stmts.split_chunk(text)
+            if not split["parsed"]:
+                item = {"type": "sql", "tag": mig["tag"], "statement": number, "part": None, "text": text, "how": IN_TRANSACTION}
+                sequence.append(item)
+                seen.append((mig["tag"], number, None))  # unknown: references anything
+                continue
+            parts = split["statements"]
+            refused = [p["txn"] for p in parts if p["txn"] in stmts.TXN_REFUSED]
+            if refused:
+                blockers.append("%s statement %d contains %s: it would end or undo the migration's transaction; "
+                                "remove it from the migration" % (mig["tag"], number, refused[0]))
+            own_txn = [p["txn"] for p in parts if p["txn"] in stmts.TXN_DROPPED]
+            plans = []
+            for p in parts:
+                build = None
+                if mode == "online" and not p["txn"]:
+                    build = stmts.index_build(p["node"])
+                    if build is not None:
+                        build = _place_build(conn, build, created, seen, min_rows)
+                plans.append((p, build))
+            whole = not own_txn and not any(b for _, b in plans)
+            if whole:
+                item = {"type": "sql", "tag": mig["tag"], "statement": number, "part": None, "text": text, "how": IN_TRANSACTION}
+                sequence.append(item)
+                tables = [t for p in parts for t in stmts.references(p["node"])]
+                seen.append((mig["tag"], number, tables))
+                _note_writes(writes_here, item, parts)
+                created += [stmts.table_of(p["node"].relation) for p in parts if isinstance(p["node"], pgast.CreateStmt)]
+                continue
+            if own_txn:
+                described.append({"tag": mig["tag"], "statement": number, "part": None,
+                                  "how": "without the file's own %s" % "/".join(own_txn),
+                                  "why": "drizzle's migrator runs every migration inside its own transaction, so the file's "
+                                         "COMMIT commits everything run so far (earlier migrations and their tracking rows "
+                                         "included) and what follows runs outside any transaction; slipway runs the "
+                                         "file's statements inside its transaction instead"})
+            for k, (p, build) in enumerate(plans, 1):
+                part = k if len(parts) > 1 else None
+                if p["txn"]:
+                    continue
+                if build is None:
+                    item = {"type": "sql", "tag": mig["tag"], "statement": number, "part": part, "text": p["text"], "how": IN_TRANSACTION}
+                    sequence.append(item)
+                    _note_writes(writes_here, item, [p])
+                    if isinstance(p["node"], pgast.CreateStmt):
+                        created.append(stmts.table_of(p["node"].relation))
+                    continue
+                build.update(tag=mig["tag"], statement=number, part=part, type="build")
+                if build["phase"] == "inline":
+                    build["consolidate"] = [i for i, tables in writes_here
+                                            if any(stmts.same_table(build["table"], t) for t in tables)]
+                    sequence.append(build)
+                else:
+                    prebuilds.append(build)
+                if build["attach"]:
+                    sequence.append({"type": "sql", "tag": mig["tag"], "statement": number, "part": part,
+                                     "text": build["attach"], "how": "attach", "attach": True})
+                described.append({"tag": mig["tag"], "statement": number, "part": part, "how": build["how"], "why": build["why"]})
+            seen.append((mig["tag"], number, [t for p in parts if not p["txn"] for t in stmts.references(p["node"])]))
+        sequence.append({"type": "track", "tag": mig["tag"], "hash": mig["hash"], "when": mig["when"]})
+    atomic = not any(i["type"] == "build" for i in sequence)
+    return {"mode": mode, "prebuilds": prebuilds, "sequence": sequence, "atomic": atomic,
+            "blockers": blockers, "statements": described}
+
+
+def _note_writes(writes_here, item, parts):
+    tables = []
+    for p in parts:
+        node = p["node"]
+        if isinstance(node, (pgast.UpdateStmt, pgast.DeleteStmt, pgast.InsertStmt)) and node.relation is not None:
+            tables.append(stmts.table_of(node.relation))
+    if tables:
+        writes_here.append((item, tables))
+
+
+def _place_build(conn, build, created, seen, min_rows):
+    """Decide whether an index build runs concurrently, and when; None keeps the statement as it is."""
+    table = build["table"]
+    if any(stmts.same_table(table, t) for t in created):
+        return None  # created by the pending set: empty, in the transaction
+    relation = _relation(conn, table)
+    if relation is None:
+        return None  # renamed or created in an unparsed statement: the statement knows best
+    big, rows = _rows_at_least(conn, relation, min_rows)
+    if not big:
+        return None
+    build["relation"] = relation.as_string(conn)
+    earlier = [(t, n) for t, n, tables in seen if tables is None or any(stmts.same_table(table, x) for x in tables)]
+    what = "CREATE UNIQUE INDEX CONCURRENTLY, then ADD CONSTRAINT ... UNIQUE USING INDEX in the transaction" \
+        if build["attach"] else "CREATE INDEX CONCURRENTLY"
+    size = "%s has %s" % (_table_text(table), _human_rows(rows))
+    if not earlier:
+        build.update(phase="before", how="rewritten: %s, before the transaction" % what,
+                     why="%s; built in the transaction the index would block its writes (SHARE lock) for the whole "
+                         "build; nothing pending touches it first, so the rest stays one transaction" % size)
+    else:
+        first = earlier[-1]
+        build.update(phase="inline", how="rewritten: %s, after committing what runs before it (NOT atomic)" % what,
+                     why="%s and %s statement %d touches it first, so the build must wait for that to commit; "
+                         "if the build fails on rows written meanwhile, statements of this migration that write the "
+                         "table run again and the build is retried" % (size, first[0], first[1]))
+    return build
+
+
+def _item_label(item):
+    return "%s statement %s%s" % (item["tag"], item["statement"], "" if not item.get("part") else ".%d" % item["part"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,12 +595,20 @@ class Engine:
     """Plan / check / apply one migrations folder against one database connection.
 
     ``folder`` is what ``drizzle.read_folder`` returned: callers read (and so validate) the folder
-    before they connect, and the engine plans with exactly that content."""
+    before they connect, and the engine plans with exactly that content.
+
+    ``mode`` ``online`` (the default) builds indexes on existing tables of at least ``min_rows``
+    rows CONCURRENTLY and runs transactions with ``online_lock_timeout`` and ``lock_retries``;
+    ``transaction`` is drizzle's own behaviour: the whole set in one transaction with
+    ``lock_timeout``."""
 
     def __init__(self, conn, folder, schema=DEFAULT_SCHEMA, table=DEFAULT_TABLE, include_skipped=False,
-                 allow_tampered=False, allow_unknown=False, lock_timeout="5s", lock_wait=10.0):
+                 allow_tampered=False, allow_unknown=False, lock_timeout="5s", lock_wait=10.0,
+                 mode="online", min_rows=10000, online_lock_timeout="20ms", lock_retries=30, build_retries=3):
         if not schema or not table:
             raise MigrationError("tracking schema and table must be non-empty")
+        if mode not in MODES:
+            raise MigrationError("migration mode %r is not one of %s" % (mode, ", ".join(MODES)))
         self.conn = conn
         self.folder = folder
         self.schema = schema
@@ -432,6 +618,11 @@ class Engine:
         self.allow_unknown = allow_unknown
         self.lock_timeout = lock_timeout
         self.lock_wait = float(lock_wait)
+        self.mode = mode
+        self.min_rows = int(min_rows)
+        self.online_lock_timeout = online_lock_timeout
+        self.lock_retries = int(lock_retries)
+        self.build_retries = int(build_retries)
         self._lock_key = zlib.crc32(("%s.%s" % (schema, table)).encode("utf-8")) & 0x7FFFFFFF
 
     # ---- plan --------------------------------------------------------------------------------
@@ -455,13 +646,41 @@ class Engine:
             "unknown_rows": classified["unknown_rows"],
             "summary": counts(classified),
             "drizzle_would_apply": classified["drizzle_would_apply"],
-            "warnings": info["warnings"] + classified["warnings"],
+            "warnings": info["warnings"] + classified["warnings"] + self._invalid_indexes(),
             "to_apply": [m["tag"] for m in to_apply],
             "blockers": self._blockers(classified),
             "timings_ms": {"plan": _ms(start)},
         }
         self._to_apply = to_apply
+        self._program = build_program(self.conn, to_apply, self.mode, self.min_rows)
+        plan["blockers"] += self._program["blockers"]
+        plan["execution"] = self._describe_program()
         return plan
+
+    def _describe_program(self):
+        prog = self._program
+        out = {"mode": prog["mode"], "atomic": prog["atomic"], "statements": prog["statements"]}
+        if not self._to_apply:
+            out["summary"] = "nothing to run"
+        elif prog["atomic"]:
+            out["summary"] = "one transaction" + (
+                " (%d index(es) built concurrently before it; dropped again if it fails)" % len(prog["prebuilds"])
+                if prog["prebuilds"] else "")
+        else:
+            splits = [_item_label(i) for i in prog["sequence"] if i["type"] == "build"]
+            out["summary"] = ("NOT one transaction: what runs before %s commits first; a failure after that leaves "
+                              "it committed (re-running applies the rest)" % ", ".join(splits))
+        return out
+
+    def _invalid_indexes(self):
+        rows = self.conn.execute(
+            "SELECT i.indexrelid::regclass::text, i.indrelid::regclass::text FROM pg_index i "
+            "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"
+        ).fetchall()
+        return ["index %s on %s is INVALID (a failed or interrupted CREATE INDEX CONCURRENTLY): it enforces nothing "
+                "and ON CONFLICT cannot use it; slipway drops and rebuilds it when a pending migration builds it, "
+                "else drop it: DROP INDEX CONCURRENTLY %s" % (r[0], r[1], r[0]) for r in rows]
 
     def _blockers(self, classified):
         out = []
@@ -469,20 +688,21 @@ class Engine:
             if mig["status"] == "tampered" and not self.allow_tampered:
                 out.append(
                     "%s.sql was edited after it was applied (tracking row %d has hash %s..., the file hashes to %s...); "
-                    "restore the applied version, or pass --allow-tampered to accept the file as applied"
-                    % (mig["tag"], mig["row_id"], mig["applied_hash"][:12], mig["hash"][:12])
+                    "restore the applied version, or %s to accept the file as applied"
+                    % (mig["tag"], mig["row_id"], mig["applied_hash"][:12], mig["hash"][:12], OVERRIDES["allow_tampered"])
                 )
             elif mig["status"] == "skipped" and not self.include_skipped:
                 out.append(
                     "%s is skipped: its when (%d) is older than the newest applied migration, so drizzle's migrator "
-                    "never runs it; pass --include-skipped to apply it in journal order" % (mig["tag"], mig["when"])
+                    "never runs it; %s to apply it in journal order" % (mig["tag"], mig["when"], OVERRIDES["include_skipped"])
                 )
         if classified["unknown_rows"] and not self.allow_unknown:
             row = classified["unknown_rows"][0]
             out.append(
                 "%d tracking row(s) match no migration in %s (first: id %d, created_at %s, hash %s...): the database "
-                "has history this folder lacks; use the matching migrations folder, or pass --allow-unknown"
-                % (len(classified["unknown_rows"]), self.folder["folder"], row["id"], row["created_at"], (row["hash"] or "")[:12])
+                "has history this folder lacks; use the matching migrations folder, or %s"
+                % (len(classified["unknown_rows"]), self.folder["folder"], row["id"], row["created_at"], (row["hash"] or "")[:12],
+                   OVERRIDES["allow_unknown"])
             )
         return out
 
@@ -528,95 +748,153 @@ class Engine:
             plan["blockers"].append("rehearsal: " + describe_failure(rehearsal["failure"]) + "; nothing was changed")
 
     def rehearse(self, checks):
-        """Run the set to apply in a transaction with a short lock_timeout, then roll back. Under
-        the apply's advisory lock: two rehearsals (or a rehearsal and an apply) of one database at
-        the same time would wait on each other's table locks and deadlock."""
-        with self.conn.transaction(force_rollback=True):
-            self._take_lock()
-            self._set_lock_timeout()
-            ran, failure, _ = self._execute(checks)
-        return {"ok": failure is None, "failure": failure, "statements": ran}
+        """Run the set to apply in one transaction, then roll back; never commits. Under the
+        apply's advisory lock: two rehearsals (or a rehearsal and an apply) of one database at the
+        same time would wait on each other's table locks and deadlock. In online mode a concurrent
+        build is not run (it would lock the table for the build): the duplicate count right before
+        it stands in, and the ADD CONSTRAINT ... USING INDEX that needs the index is not rehearsed.
+        A lock not granted within the online lock_timeout rolls back and tries again."""
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                with self.conn.transaction(force_rollback=True):
+                    self._take_lock(xact=True)
+                    self._set_lock_timeout(self._txn_lock_timeout())
+                    ran, failure, skipped = self._rehearse_items(checks)
+            except psycopg.Error as exc:  # only a lock timeout of our own statements gets here
+                raise _db_error("rehearsal", exc)
+            if failure and failure["sqlstate"] in RETRY_STATES and self._retries_left(attempts):
+                self._backoff(attempts)
+                continue
+            result = {"ok": failure is None, "failure": failure, "statements": ran, "attempts": attempts}
+            if skipped:
+                result["not_rehearsed"] = skipped
+            return result
 
-    def _execute(self, checks, applied=None):
-        """Run the set to apply in the current transaction, re-counting each check right before its
-        statement. With ``applied`` (a list), insert each migration's tracking row after it and
-        append its tag. Returns (statements run, failure detail or None, counts before the failed
-        statement); stops at the first failure, leaving the transaction to be rolled back."""
+    def _rehearse_items(self, checks):
         counted = _checks_by_statement(checks)
-        ident = tracking_ident(self.schema, self.table)
-        ran = 0
-        for mig in self._to_apply:
-            for number, text in enumerate(mig["statements"], 1):
-                if not text.strip():
-                    continue
-                before = {}
-                for check in counted.get((mig["tag"], number), []):
-                    if not check.get("written_in_statement"):
-                        check["at_statement"] = before[check["what"]] = _recount(self.conn, check)
-                try:
-                    self.conn.execute(text)
-                except psycopg.Error as exc:
-                    return ran, error_detail(mig["tag"], number, exc), before
-                ran += 1
-            if applied is not None:
-                self.conn.execute(
-                    sql.SQL("INSERT INTO {} (hash, created_at) VALUES (%s, %s)").format(ident), (mig["hash"], mig["when"])
-                )
-                applied.append(mig["tag"])
-        return ran, None, {}
+        recounted = set()
+        ran, skipped = 0, []
+        for item in self._program["sequence"]:
+            if item["type"] == "track":
+                continue
+            key = (item["tag"], item["statement"])
+            if key not in recounted:
+                recounted.add(key)
+                self._recount_all(counted.get(key, []))
+            if item["type"] == "build" or item.get("attach"):
+                failure = self._build_stand_in(item, counted.get(key, [])) if item["type"] == "build" else None
+                if failure:
+                    return ran, failure, skipped
+                if item.get("attach"):
+                    skipped.append("%s: %s (needs the index built concurrently)" % (_item_label(item), _first_words(item["text"])))
+                continue
+            failure = self._run_item(item)
+            if failure:
+                return ran, failure, skipped
+            ran += 1
+        return ran, None, skipped
 
-    def _set_lock_timeout(self):
-        if self.lock_timeout:
-            self.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(str(self.lock_timeout))))
+    def _build_stand_in(self, item, checks):
+        """In a rehearsal: would the concurrent build of ``item`` find duplicates now?"""
+        for check in checks:
+            found = check.get("at_statement")
+            if check["kind"] == "unique" and found and (found.get("groups") or found.get("null_rows")):
+                return {"tag": item["tag"], "statement": item["statement"], "sqlstate": "23505",
+                        "message": "%d duplicate key groups left when %s would be built" % (found["groups"], item["index"])}
+        return None
+
+    def _recount_all(self, checks):
+        for check in checks:
+            if not check.get("written_in_statement"):
+                check["at_statement"] = _recount(self.conn, check)
+
+    def _run_item(self, item):
+        """Run one sql item in the current transaction; a failure detail or None. Raises when the
+        statement ended the transaction itself (nothing may pretend the set is still atomic)."""
+        try:
+            self.conn.execute(item["text"])
+        except psycopg.Error as exc:
+            return error_detail(item["tag"], item["statement"], exc)
+        if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+            raise MigrationError(
+                "%s ended slipway's transaction (a COMMIT or ROLLBACK slipway could not see in it): what ran before "
+                "it, in this transaction, is committed or rolled back by that statement, not by slipway; "
+                "remove the transaction control from the migration" % _item_label(item))
+        return None
+
+    def _txn_lock_timeout(self):
+        return self.online_lock_timeout if self.mode == "online" else self.lock_timeout
+
+    def _retries_left(self, attempts):
+        return self.mode == "online" and attempts <= self.lock_retries
+
+    @staticmethod
+    def _backoff(attempts):
+        time.sleep(min(1.0, 0.05 * attempts) * (0.5 + random.random()))
+
+    def _set_lock_timeout(self, value):
+        if value:
+            self.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(str(value))))
 
     # ---- apply -------------------------------------------------------------------------------
-    def _take_lock(self):
+    def _take_lock(self, xact=False):
+        fn = "pg_try_advisory_xact_lock" if xact else "pg_try_advisory_lock"
         deadline = time.monotonic() + self.lock_wait
         while True:
-            got = self.conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (LOCK_CLASS, self._lock_key)).fetchone()[0]
+            got = self.conn.execute("SELECT %s(%%s, %%s)" % fn, (LOCK_CLASS, self._lock_key)).fetchone()[0]
             if got:
                 return
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
         holder = self.conn.execute(
-            "SELECT l.pid, a.application_name, to_char(a.xact_start, 'YYYY-MM-DD HH24:MI:SS TZ') FROM pg_locks l "
+            "SELECT l.pid, a.application_name, to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ') FROM pg_locks l "
             "LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
             "AND l.classid::bigint = %s AND l.objid::bigint = %s AND l.objsubid = 2 "
             "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             (LOCK_CLASS, self._lock_key),
         ).fetchone()
-        who = " (backend pid %s, %s, since %s)" % holder if holder else ""
+        who = " (backend pid %s, %s, connected since %s)" % holder if holder else ""
         raise LockBusy(
             "another migration is running on this database%s: waited %.0fs for its lock; "
             "let it finish and run again" % (who, self.lock_wait)
         )
 
+    def _unlock(self):
+        try:
+            self.conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, self._lock_key))
+        except psycopg.Error:  # the connection is gone: so is the lock
+            pass
+
     def apply(self):
         """Take the lock, plan again under it, refuse on blockers or a failing static preflight,
-        then apply the set and its tracking rows in one transaction. Returns the plan document
-        with ``applied_now``; raises MigrationError (nothing changed) on any failure, with the
-        plan document as ``.plan`` when there is one."""
+        then run the program: concurrent builds and transactions, each migration's tracking row
+        in the transaction of its last statement. Returns the plan document with
+        ``applied_now``; raises MigrationError on any failure, with the plan document as
+        ``.plan`` (``committed`` says what was committed before the failure)."""
         total = time.monotonic()
         plan = None
+        locked = False
         try:
-            with self.conn.transaction():
+            start = time.monotonic()
+            self._take_lock()
+            locked = True
+            lock_ms = _ms(start)
+            plan = self.plan()
+            plan["timings_ms"]["lock_wait"] = lock_ms
+            plan["applied_now"] = []
+            plan["committed"] = []
+            self._static_preflight(plan)
+            self._finish_preflight(plan)
+            if plan["blockers"]:
+                plan["result"] = "blocked"
+                raise MigrationRefused(plan)
+            if self._to_apply:
                 start = time.monotonic()
-                self._take_lock()
-                lock_ms = _ms(start)
-                plan = self.plan()
-                plan["timings_ms"]["lock_wait"] = lock_ms
-                plan["applied_now"] = []
-                self._static_preflight(plan)
-                self._finish_preflight(plan)
-                if plan["blockers"]:
-                    plan["result"] = "blocked"
-                    raise MigrationRefused(plan)
-                if self._to_apply:
-                    start = time.monotonic()
-                    self._set_lock_timeout()
-                    self._run(plan)
-                    plan["timings_ms"]["apply"] = _ms(start)
+                self._run(plan)
+                plan["timings_ms"]["apply"] = _ms(start)
             # committed (or nothing to do): the database itself has verified every check
             for check in plan["preflight"]["checks"]:
                 check["verified"] = True
@@ -624,38 +902,200 @@ class Engine:
             return plan
         except MigrationError as exc:
             if plan is not None:
-                plan.update(changed=False, applied_now=[])
+                plan["changed"] = bool(plan.get("committed"))
                 exc.plan = plan
             raise
         except psycopg.Error as exc:
-            raise _db_error("apply", exc)
+            raise _db_error("apply", exc, committed=(plan or {}).get("committed"))
         finally:
+            if locked:
+                self._unlock()
             if plan is not None:
                 plan["timings_ms"]["total"] = _ms(total)
                 _public(plan)
 
-    def _run(self, plan):
+    def _ensure_tracking_table(self):
         ident = tracking_ident(self.schema, self.table)
         self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
         self.conn.execute(sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (id SERIAL PRIMARY KEY, hash text NOT NULL, created_at bigint)"
         ).format(ident))
-        _, detail, before = self._execute(plan["preflight"]["checks"], applied=plan["applied_now"])
-        if detail is not None:
+
+    def _run(self, plan):
+        prog = self._program
+        checks = _checks_by_statement(plan["preflight"]["checks"])
+        built = []
+        try:
+            for build in prog["prebuilds"]:
+                self._build(build, plan)
+                built.append(build)
+            segment = []
+            for item in prog["sequence"]:
+                if item["type"] == "build":
+                    self._commit_segment(segment, plan, checks)
+                    segment = []
+                    self._build(item, plan, checks)
+                else:
+                    segment.append(item)
+            self._commit_segment(segment, plan, checks)
+        except MigrationFailed as exc:
+            if not plan["committed"]:
+                self._drop_prebuilt(built, plan)
+            elif plan["committed"]:
+                exc.args = (exc.args[0] + "; committed before the failure: " + "; ".join(plan["committed"]),)
+            raise
+
+    def _commit_segment(self, items, plan, checks):
+        """Run ``items`` in one transaction (tracking rows included) and commit; a lock not granted
+        in time rolls the whole transaction back and tries again (online mode)."""
+        if not items:
+            return
+        ident = tracking_ident(self.schema, self.table)
+        attempts = 0
+        while True:
+            attempts += 1
+            applied, counted, failure, before = [], set(), None, {}
+            with self.conn.transaction(force_rollback=False) as tx:
+                self._set_lock_timeout(self._txn_lock_timeout())
+                if any(i["type"] == "track" for i in items):
+                    self._ensure_tracking_table()
+                for item in items:
+                    if item["type"] == "track":
+                        self.conn.execute(sql.SQL("INSERT INTO {} (hash, created_at) VALUES (%s, %s)").format(ident),
+                                          (item["hash"], item["when"]))
+                        applied.append(item["tag"])
+                        continue
+                    key = (item["tag"], item["statement"])
+                    if key not in counted:
+                        counted.add(key)
+                        before = {}
+                        for check in checks.get(key, []):
+                            if not check.get("written_in_statement"):
+                                check["at_statement"] = before[check["what"]] = _recount(self.conn, check)
+                    failure = self._run_item(item)
+                    if failure:
+                        break
+                if failure:
+                    raise psycopg.Rollback(tx)
+            if failure is None:
+                plan["applied_now"] += applied
+                done = [_item_label(i) for i in items if i["type"] == "sql"]
+                if self._program["atomic"]:
+                    return
+                plan["committed"].append("%s (%d statement%s%s)" % (
+                    ", ".join(applied) + " applied" if applied else "part of " + items[0]["tag"],
+                    len(done), "s" if len(done) != 1 else "", "" if not applied else ", tracking row%s written" % ("s" if len(applied) > 1 else "")))
+                return
+            if failure["sqlstate"] in RETRY_STATES and self._retries_left(attempts):
+                self._backoff(attempts)
+                continue
             if before:
-                detail["before_statement"] = before
+                failure["before_statement"] = before
             plan["result"] = "failed"
-            plan["error"] = detail
-            raise MigrationFailed(
-                "migration failed, everything rolled back, tracking table unchanged: %s" % describe_failure(detail),
-                detail,
-            )
+            plan["error"] = failure
+            if failure["sqlstate"] in RETRY_STATES and self.mode == "online":
+                failure["message"] += " (%d tries with lock_timeout %s)" % (attempts, self.online_lock_timeout)
+            scope = "everything rolled back, tracking table unchanged" if not plan["committed"] \
+                else "this transaction rolled back"
+            raise MigrationFailed("migration failed, %s: %s" % (scope, describe_failure(failure)), failure)
+
+    # ---- concurrent index builds -------------------------------------------------------------
+    def _index_state(self, build):
+        """(oid name, valid, definition) of an index of the build's name in its table's schema, or None."""
+        row = self.conn.execute(
+            "SELECT c.oid::regclass::text, i.indisvalid, pg_get_indexdef(c.oid), c.relkind FROM pg_class c "
+            "LEFT JOIN pg_index i ON i.indexrelid = c.oid WHERE c.relname = %s "
+            "AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = to_regclass(%s))",
+            (build["index"], build["relation"]),
+        ).fetchone()
+        return row
+
+    def _drop_index(self, name):
+        self.conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.SQL(name)))
+
+    def _build(self, build, plan, checks=None):
+        """CREATE [UNIQUE] INDEX CONCURRENTLY outside any transaction. An index of that name left
+        by an interrupted run is adopted when valid and the same, dropped and rebuilt when INVALID.
+        A build that fails leaves no INVALID index behind; one that fails on duplicates written
+        since the consolidation re-runs this migration's writes to the table and tries again."""
+        label = _item_label(build)
+        attempts = 0
+        notes = plan.setdefault("builds", [])
+        while True:
+            attempts += 1
+            found = self._index_state(build)
+            if found is not None:
+                name, valid, definition, relkind = found
+                if relkind not in ("i", "I"):
+                    return self._build_failed(build, plan, "42P07", "relation %s already exists and is not an index" % name)
+                if valid and stmts.same_index(definition, build["index_node"]):
+                    notes.append({"statement": label, "index": name, "result": "adopted",
+                                  "note": "a valid index of that definition already existed (an interrupted earlier run)"})
+                    return None
+                if valid:
+                    return self._build_failed(build, plan, "42P07", "index %s already exists with another definition (%s)"
+                                              % (name, definition))
+                self._drop_index(name)
+                notes.append({"statement": label, "index": name, "result": "dropped INVALID",
+                              "note": "an INVALID index of that name was left by an interrupted build"})
+            start = time.monotonic()
+            try:
+                self.conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(str(self.lock_timeout) or "0")))
+                self.conn.execute(build["build"])
+                notes.append({"statement": label, "index": build["index"], "result": "built",
+                              "ms": _ms(start), "attempts": attempts})
+                return None
+            except psycopg.Error as exc:
+                detail = error_detail(build["tag"], build["statement"], exc)
+                self._cleanup_invalid(build)
+            finally:
+                self.conn.execute("RESET lock_timeout")
+            retry = attempts <= self.build_retries
+            if detail["sqlstate"] == "23505" and retry and build.get("consolidate"):
+                notes.append({"statement": label, "index": build["index"], "result": "duplicates written during the build",
+                              "note": detail["message"]})
+                self._commit_segment([dict(i) for i in build["consolidate"]], plan, checks or {})
+                continue
+            if detail["sqlstate"] in RETRY_STATES and retry:
+                self._backoff(attempts)
+                continue
+            return self._build_failed(build, plan, detail["sqlstate"], detail["message"], detail)
+
+    def _cleanup_invalid(self, build):
+        found = self._index_state(build)
+        if found is not None and found[1] is False:
+            self._drop_index(found[0])
+
+    def _build_failed(self, build, plan, state, message, detail=None):
+        detail = detail or {"tag": build["tag"], "statement": build["statement"], "sqlstate": state, "message": message}
+        plan["result"] = "failed"
+        plan["error"] = detail
+        raise MigrationFailed("migration failed building %s concurrently (no INVALID index left): %s"
+                              % (build["index"], describe_failure(detail)), detail)
+
+    def _drop_prebuilt(self, built, plan):
+        for build in built:
+            found = self._index_state(build)
+            adopted = any(n["index"] == build["index"] and n["result"] == "adopted" for n in plan.get("builds", []))
+            if found is not None and not adopted:
+                self._drop_index(found[0])
+                plan["builds"].append({"statement": _item_label(build), "index": build["index"], "result": "dropped",
+                                       "note": "built before the transaction, which failed"})
 
 
-def _db_error(stage, exc):
+RETRY_STATES = ("55P03", "40P01")  # lock_not_available, deadlock_detected
+
+
+def _first_words(text, width=80):
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _db_error(stage, exc, committed=None):
     """A database error outside the migration statements (reading history, counting duplicates)."""
-    return MigrationError("%s failed, nothing changed: %s %s; check the role's privileges and the tracking table"
-                          % (stage, getattr(exc, "sqlstate", None) or "-", _one_line(str(exc))))
+    done = ("; committed before it: " + "; ".join(committed)) if committed else ", nothing changed"
+    return MigrationError("%s failed%s: %s %s; check the role's privileges and the tracking table"
+                          % (stage, done, getattr(exc, "sqlstate", None) or "-", _one_line(str(exc))))
 
 
 def _public(plan):
