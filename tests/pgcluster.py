@@ -1,7 +1,7 @@
 """A throwaway, real PostgreSQL 15 cluster for the migration-engine tests.
 
 initdb as ``postgres`` under /tmp, listening on 127.0.0.1 at its own port, scram over TCP for a
-test role with CREATEDB; each test gets a fresh database. Nothing here is a mock.
+test role with CREATEDB and CREATEROLE (public histories create roles); each test gets a fresh database. Nothing here is a mock.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class Cluster:
         sb.pg("pg_ctl", "-D", self.data, "-l", self.root / "server.log", "-w", "-t", "60", "start")
         sb.pg("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.root, "-p", self.port, "-U", "postgres",
               "-d", "postgres", "-f", "-",
-              input=f"SET log_statement = 'none';\nCREATE ROLE {self.user} LOGIN CREATEDB PASSWORD '{self.password}';\n")
+              input=f"SET log_statement = 'none';\nCREATE ROLE {self.user} LOGIN CREATEDB CREATEROLE PASSWORD '{self.password}';\n")
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():

@@ -474,12 +474,14 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
     how it runs and why. Mode ``transaction`` is drizzle's: everything in one transaction."""
     prebuilds, sequence, blockers, described = [], [], [], []
     seen = []  # (tag, number, tables referenced) of every statement before the current one
+    texts_seen = []  # the text of every chunk before the current one
     created = []
     for mig in to_apply:
         writes_here = []  # (sql item, tables written) of this migration, for re-running consolidations
         for number, text in enumerate(mig["statements"], 1):
             if not text.strip():
                 continue
+            texts_seen.append(text)
             split = stmts.split_chunk(text)
             if not split["parsed"]:
                 item = {"type": "sql", "tag": mig["tag"], "statement": number, "part": None, "text": text, "how": IN_TRANSACTION}
@@ -493,12 +495,13 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
                                 "remove it from the migration" % (mig["tag"], number, refused[0]))
             own_txn = [p["txn"] for p in parts if p["txn"] in stmts.TXN_DROPPED]
             plans = []
-            for p in parts:
+            for i, p in enumerate(parts):
                 build = None
                 if mode == "online" and not p["txn"]:
                     build = stmts.index_build(p["node"])
                     if build is not None:
-                        build = _place_build(conn, build, created, seen, min_rows)
+                        before = texts_seen[:-1] + [q["text"] for q in parts[:i]]
+                        build = _place_build(conn, build, created, seen, min_rows, before)
                 plans.append((p, build))
             whole = not own_txn and not any(b for _, b in plans)
             if whole:
@@ -555,7 +558,7 @@ def _note_writes(writes_here, item, parts):
         writes_here.append((item, tables))
 
 
-def _place_build(conn, build, created, seen, min_rows):
+def _place_build(conn, build, created, seen, min_rows, earlier_texts):
     """Decide whether an index build runs concurrently, and when; None keeps the statement as it is."""
     table = build["table"]
     if any(stmts.same_table(table, t) for t in created):
@@ -567,6 +570,12 @@ def _place_build(conn, build, created, seen, min_rows):
     if not big:
         return None
     build["relation"] = relation.as_string(conn)
+    existing = conn.execute(
+        "SELECT coalesce(i.indisvalid, true) FROM pg_class c LEFT JOIN pg_index i ON i.indexrelid = c.oid "
+        "WHERE c.relname = %s AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = to_regclass(%s))",
+        (build["index"], build["relation"])).fetchone()
+    if existing is not None and existing[0] and any(build["index"] in text for text in earlier_texts):
+        return None  # e.g. DROP INDEX x ... CREATE INDEX x: the statements, in order, in the transaction
     earlier = [(t, n) for t, n, tables in seen if tables is None or any(stmts.same_table(table, x) for x in tables)]
     what = "CREATE UNIQUE INDEX CONCURRENTLY, then ADD CONSTRAINT ... UNIQUE USING INDEX in the transaction" \
         if build["attach"] else "CREATE INDEX CONCURRENTLY"
