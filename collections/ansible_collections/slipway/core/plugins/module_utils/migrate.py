@@ -371,7 +371,7 @@ def _constraint_check(conn, mig, number, op, created, writes):
     live, error = _count(conn, op, relation)
     if error is not None:
         # e.g. a column an earlier pending statement adds: only running them can tell
-        check.update(ok=True, verified=False, live=None, note="cannot be counted before the pending statements "
+        check.update(ok=True, verified=False, live=None, count_later=True, note="cannot be counted before the pending statements "
                      "run (%s); the rehearsal counts it right before the statement" % error)
         return check
     bad = live["groups"] > 0 or live["null_rows"] > 0 if op["kind"] == "unique" else live["null_rows"] > 0
@@ -405,7 +405,7 @@ def _check_reason(check):
 def _checks_by_statement(checks):
     out = {}
     for check in checks:
-        if check["kind"] in ("unique", "not_null") and check.get("live") is not None:
+        if check["kind"] in ("unique", "not_null") and (check.get("live") is not None or check.get("count_later")):
             out.setdefault((check["tag"], check["statement"]), []).append(check)
     return out
 
@@ -1112,6 +1112,7 @@ def _public(plan):
     for check in (plan.get("preflight") or {}).get("checks", []):
         check.pop("op", None)
         check.pop("written_in_statement", None)
+        check.pop("count_later", None)
     return plan
 
 
