@@ -109,7 +109,21 @@ def _summary_table(report: dict) -> list[str]:
     return lines
 
 
-def _check_lines(report: dict) -> list[str]:
+def _lint_release(doc: dict, migrations: dict) -> dict:
+    """squawk over the release's pending migrations (written to a private temporary folder)."""
+    import tempfile
+
+    from .lint import lint_plan
+
+    with tempfile.TemporaryDirectory(prefix="slipway-lint-") as tmp:
+        for rel, text in migrations.items():
+            path = Path(tmp) / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        return lint_plan(doc, tmp)
+
+
+def _check_lines(report: dict, migrations: dict | None = None) -> list[str]:
     from .migrations import render
 
     lines = []
@@ -122,6 +136,8 @@ def _check_lines(report: dict) -> list[str]:
                          else "is installed and current; no new release")))
         doc = (info.get("plan") or {}).get("document")
         if doc:
+            if migrations and doc.get("to_apply"):
+                doc = {**doc, "lint": _lint_release(doc, migrations)}
             rendered = render(doc)
             rendered[0] = (f"migrations of release {report['release']} -> {host}'s database, "
                            f"{doc['tracking_table']} ({doc['tracking_rows']} rows)")
@@ -222,7 +238,7 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
         print(line, file=out)
     if check:
         print("", file=out)
-        for line in _check_lines(report):
+        for line in _check_lines(report, built.migrations):
             print(line, file=out)
     for name, info in report["hosts"].items():
         if info["failure"]:

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from .errors import SlipwayError
+from .lint import lint_plan
 from .paths import import_module_utils
 
 import_module_utils()
@@ -46,6 +47,7 @@ def run_dsn(dsn: str, migrations: str, check: bool, include_skipped=False, allow
                             online_lock_timeout=online_lock_timeout)
         if check:
             doc = eng.check(rehearse=rehearse)
+            doc["lint"] = lint_plan(doc, folder["folder"])
             code = 1 if doc["blockers"] else (EXIT_PENDING if doc["to_apply"] else 0)
             error = _name_flags("apply would be refused: " + doc["blockers"][0]) if doc["blockers"] else None
             return _finish(doc, dsn), error, code
@@ -110,6 +112,10 @@ def render(doc: dict) -> list[str]:
     checks_by_tag: dict[str, list[dict]] = {}
     for check in (doc.get("preflight") or {}).get("checks", []):
         checks_by_tag.setdefault(check["tag"], []).append(check)
+    lint = doc.get("lint") or {}
+    lint_by_tag: dict[str, list[dict]] = {}
+    for finding in lint.get("findings", []):
+        lint_by_tag.setdefault(finding["tag"], []).append(finding)
     applied_now = set(doc.get("applied_now") or [])
     execution = doc.get("execution") or {}
     how: dict[tuple[str, int], list[dict]] = {}
@@ -129,6 +135,9 @@ def render(doc: dict) -> list[str]:
             out.append(f"      tracking row {mig['row_id']} hash {mig['applied_hash'][:12]}…, file now {mig['hash'][:12]}…")
         for c in checks_by_tag.get(mig["tag"], []):
             out.append("      " + _check_line(c))
+        for f in lint_by_tag.get(mig["tag"], []):
+            verdict = f["handled"] or ("not handled: " + f["help"] if f.get("help") else "not handled")
+            out.append(f"      squawk {f['statement']}. {f['rule']}: {f['message']} ({verdict})")
     for row in doc.get("unknown_rows", []):
         out.append(f"  unknown     tracking row {row['id']} created_at {row['created_at']} hash {str(row['hash'])[:12]}…")
     if doc.get("to_apply") and execution.get("summary") and not applied_now:
@@ -142,12 +151,21 @@ def render(doc: dict) -> list[str]:
             out.append("  rehearsal   FAILED: " + engine.describe_failure(rehearsal["failure"]) + " (rolled back)")
         for item in rehearsal.get("not_rehearsed", []):
             out.append(f"  rehearsal   not run: {item}")
+    transactions = doc.get("transactions", [])
+    if len(transactions) > 1 or any(t["attempts"] > 1 for t in transactions):
+        for n, t in enumerate(transactions, 1):
+            retried = f", {t['attempts']} tries (a lock or a row the app wrote meanwhile)" if t["attempts"] > 1 else ""
+            rows = f"; tracking rows {', '.join(t['tracking_rows'])}" if t["tracking_rows"] else ""
+            out.append(f"  committed   transaction {n}: {len(t['statements'])} statement(s){rows} "
+                       f"({t['ms']:.0f} ms{retried})")
     for build in doc.get("builds", []):
         extra = f", {build['ms']:.0f} ms" if "ms" in build else ""
         note = f": {build['note']}" if build.get("note") else ""
         out.append(f"  index       {build['index']} ({build['statement']}) {build['result']}{extra}{note}")
     if doc.get("committed") and doc.get("result") == "failed":
         out.append("  committed   before the failure: " + "; ".join(doc["committed"]))
+    if lint.get("error"):
+        out.append(f"  squawk      not run: {lint['error']}")
     would = doc.get("drizzle_would_apply", [])
     if would != doc["to_apply"]:
         out.append(f"  drizzle     its own migrator would run: {', '.join(would) or 'nothing'}")

@@ -484,7 +484,8 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
             texts_seen.append(text)
             split = stmts.split_chunk(text)
             if not split["parsed"]:
-                item = {"type": "sql", "tag": mig["tag"], "statement": number, "part": None, "text": text, "how": IN_TRANSACTION}
+                item = {"type": "sql", "tag": mig["tag"], "statement": number, "part": None, "text": text,
+                        "how": IN_TRANSACTION, "writes": True}  # unknown: may write anything
                 sequence.append(item)
                 seen.append((mig["tag"], number, None))  # unknown: references anything
                 continue
@@ -539,7 +540,7 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
                     prebuilds.append(build)
                 if build["attach"]:
                     sequence.append({"type": "sql", "tag": mig["tag"], "statement": number, "part": part,
-                                     "text": build["attach"], "how": "attach", "attach": True})
+                                     "text": build["attach"], "how": "attach", "attaches": build["index"]})
                 described.append({"tag": mig["tag"], "statement": number, "part": part, "how": build["how"], "why": build["why"]})
             seen.append((mig["tag"], number, [t for p in parts if not p["txn"] for t in stmts.references(p["node"])]))
         sequence.append({"type": "track", "tag": mig["tag"], "hash": mig["hash"], "when": mig["when"]})
@@ -548,13 +549,17 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
             "blockers": blockers, "statements": described}
 
 
+_DML = ("UpdateStmt", "DeleteStmt", "InsertStmt", "MergeStmt")
+
+
 def _note_writes(writes_here, item, parts):
     tables = []
     for p in parts:
         node = p["node"]
-        if isinstance(node, (pgast.UpdateStmt, pgast.DeleteStmt, pgast.InsertStmt)) and node.relation is not None:
+        if type(node).__name__ in _DML and getattr(node, "relation", None) is not None:
             tables.append(stmts.table_of(node.relation))
     if tables:
+        item["writes"] = True
         writes_here.append((item, tables))
 
 
@@ -792,12 +797,13 @@ class Engine:
             if key not in recounted:
                 recounted.add(key)
                 self._recount_all(counted.get(key, []))
-            if item["type"] == "build" or item.get("attach"):
-                failure = self._build_stand_in(item, counted.get(key, [])) if item["type"] == "build" else None
+            if item["type"] == "build":
+                failure = self._build_stand_in(item, counted.get(key, []))
                 if failure:
                     return ran, failure, skipped
-                if item.get("attach"):
-                    skipped.append("%s: %s (needs the index built concurrently)" % (_item_label(item), _first_words(item["text"])))
+                continue
+            if item.get("attaches"):
+                skipped.append("%s: %s (needs the index built concurrently)" % (_item_label(item), _first_words(item["text"])))
                 continue
             failure = self._run_item(item)
             if failure:
@@ -961,10 +967,15 @@ class Engine:
             return
         ident = tracking_ident(self.schema, self.table)
         attempts = 0
+        started = time.monotonic()
         while True:
             attempts += 1
             applied, counted, failure, before = [], set(), None, {}
             with self.conn.transaction(force_rollback=False) as tx:
+                if self.mode == "online" and any(i.get("writes") for i in items):
+                    # rows the migration rewrites (a consolidation) while the app writes them: a
+                    # concurrent update is a serialization failure and a retry, never a lost update
+                    self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 self._set_lock_timeout(self._txn_lock_timeout())
                 if any(i["type"] == "track" for i in items):
                     self._ensure_tracking_table()
@@ -989,6 +1000,8 @@ class Engine:
             if failure is None:
                 plan["applied_now"] += applied
                 done = [_item_label(i) for i in items if i["type"] == "sql"]
+                plan.setdefault("transactions", []).append({
+                    "statements": done, "tracking_rows": applied, "attempts": attempts, "ms": _ms(started)})
                 if self._program["atomic"]:
                     return
                 plan["committed"].append("%s (%d statement%s%s)" % (
@@ -1092,7 +1105,7 @@ class Engine:
                                        "note": "built before the transaction, which failed"})
 
 
-RETRY_STATES = ("55P03", "40P01")  # lock_not_available, deadlock_detected
+RETRY_STATES = ("55P03", "40P01", "40001")  # lock_not_available, deadlock_detected, serialization_failure
 
 
 def _first_words(text, width=80):

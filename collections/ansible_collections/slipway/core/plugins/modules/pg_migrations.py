@@ -23,8 +23,19 @@ description:
   - In check mode the pending set is also rehearsed inside a transaction with a short
     I(lock_timeout) and rolled back; the first failure is reported (migration, statement, SQLSTATE).
   - Apply takes an advisory lock, plans again under it, and runs the pending migrations and their
-    tracking rows (sha256 of the file, created_at = C(when)) in one transaction, like drizzle-orm, so
-    drizzle's own migrator afterwards finds nothing to do. Any failure rolls everything back.
+    tracking rows (sha256 of the file, created_at = C(when)), so drizzle's own migrator afterwards
+    finds nothing to do.
+  - With I(mode=transaction) everything runs in one transaction, as drizzle-orm runs it; any failure
+    rolls everything back.
+  - With I(mode=online) (the default) an index built on an existing table of at least
+    I(online_min_rows) rows is built C(CONCURRENTLY) (a UNIQUE constraint as a unique index built
+    concurrently, then C(ADD CONSTRAINT ... USING INDEX)), before the transaction when nothing
+    pending touches the table first (the rest stays one transaction), else after committing what
+    comes before it (not atomic: the plan says so per statement). Transactions run with
+    I(online_lock_timeout) and are retried when a lock is not granted in time; a transaction that
+    rewrites rows runs at REPEATABLE READ, so a concurrent write is a retry, never a lost update.
+    A failed build leaves no INVALID index; one that fails on duplicates written since the
+    migration's consolidation re-runs that consolidation and builds again.
 options:
   migrations_path:
     description: The migrations folder on the managed host (holds C(meta/_journal.json)).
@@ -71,6 +82,19 @@ options:
     description: Seconds to wait for another slipway migration of the same database to finish.
     type: float
     default: 10
+  mode:
+    description: C(online) (lock-safe index builds, short lock timeouts with retries) or C(transaction) (drizzle's one transaction).
+    type: str
+    choices: [online, transaction]
+    default: online
+  online_min_rows:
+    description: In online mode, tables with fewer rows (planner estimate) get their indexes built in the transaction.
+    type: int
+    default: 10000
+  online_lock_timeout:
+    description: In online mode, the C(lock_timeout) of each transaction; a lock not granted in time rolls it back and retries.
+    type: str
+    default: 20ms
 requirements:
   - psycopg >= 3.1
   - pglast >= 6
@@ -160,6 +184,9 @@ def main():
             rehearse=dict(type="bool", default=True),
             lock_timeout=dict(type="str", default="5s"),
             lock_wait=dict(type="float", default=10.0),
+            mode=dict(type="str", default="online", choices=list(engine.MODES)),
+            online_min_rows=dict(type="int", default=10000),
+            online_lock_timeout=dict(type="str", default="20ms"),
         ),
         required_one_of=[("migrations_path", "migrations_content")],
         mutually_exclusive=[("migrations_path", "migrations_content")],
@@ -193,6 +220,7 @@ def main():
             conn, folder, schema=p["tracking_schema"], table=p["tracking_table"],
             include_skipped=p["include_skipped"], allow_tampered=p["allow_tampered"],
             allow_unknown=p["allow_unknown"], lock_timeout=p["lock_timeout"], lock_wait=p["lock_wait"],
+            mode=p["mode"], min_rows=p["online_min_rows"], online_lock_timeout=p["online_lock_timeout"],
         )
         if module.check_mode:
             plan = eng.check(rehearse=p["rehearse"])
