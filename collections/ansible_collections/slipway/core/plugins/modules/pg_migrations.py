@@ -31,7 +31,7 @@ description:
     I(online_min_rows) rows is built C(CONCURRENTLY) (a UNIQUE constraint as a unique index built
     concurrently, then C(ADD CONSTRAINT ... USING INDEX)), before the transaction when nothing
     pending touches the table first (the rest stays one transaction), else after committing what
-    comes before it (not atomic: the plan says so per statement). Transactions run with
+    comes before it (not atomic, and the plan says so per statement). Transactions run with
     I(online_lock_timeout) and are retried when a lock is not granted in time; a transaction that
     rewrites rows runs at REPEATABLE READ, so a concurrent write is a retry, never a lost update.
     A failed build leaves no INVALID index; one that fails on duplicates written since the
