@@ -149,6 +149,9 @@ def render(doc: dict) -> list[str]:
                        f"({doc['timings_ms'].get('rehearsal', 0):.0f} ms)")
         else:
             out.append("  rehearsal   FAILED: " + engine.describe_failure(rehearsal["failure"]) + " (rolled back)")
+        for copy in rehearsal.get("copies", []):
+            out.append(f"  rehearsal   on a private copy of {copy['table']} ({copy['rows']} rows, copied in "
+                       f"{copy['ms'] / 1000:.1f} s): none of the live rows were locked; the copy has no foreign keys or triggers")
         for item in rehearsal.get("not_rehearsed", []):
             out.append(f"  rehearsal   not run: {item}")
     transactions = doc.get("transactions", [])

@@ -102,8 +102,16 @@ def test_online_0007_under_writers_keeps_every_view_and_ends_as_drizzle(pgc, db,
     incident_db(pgc, db, node_modules, tmp_path)
     max_id = grow(pgc, db)
 
+    # the rehearsal runs on a private copy: a live row the app holds locked does not stop it
+    with pgc.connect(db) as holder, holder.transaction():
+        holder.execute("SELECT * FROM book_view_statistics WHERE book_id = %s FOR UPDATE", (sb.INCIDENT_BOOK,))
+        proc = migrate(pgc, db, MIGRATIONS, "--check", "--json")
+        rehearsal = as_json(proc)["preflight"]["rehearsal"]
+        assert rehearsal["ok"] and rehearsal["attempts"] == 1, rehearsal
+        assert rehearsal["copies"][0]["rows"] == EXTRA_ROWS + sum(len(c) for _, _, c in sb.STATS)
     proc = migrate(pgc, db, MIGRATIONS, "--check")
     assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "rehearsal   on a private copy of" in proc.stdout
     assert "rewritten: CREATE UNIQUE INDEX CONCURRENTLY, then ADD CONSTRAINT ... UNIQUE USING INDEX" in proc.stdout
     assert "NOT one transaction" in proc.stdout and "rehearsal   ok" in proc.stdout
     assert "rehearsal   not run: " + T0007 + " statement 3: ALTER TABLE" in proc.stdout

@@ -560,6 +560,7 @@ def _note_writes(writes_here, item, parts):
             tables.append(stmts.table_of(node.relation))
     if tables:
         item["writes"] = True
+        item["written"] = tables
         writes_here.append((item, tables))
 
 
@@ -767,13 +768,21 @@ class Engine:
         same time would wait on each other's table locks and deadlock. In online mode a concurrent
         build is not run (it would lock the table for the build): the duplicate count right before
         it stands in, and the ADD CONSTRAINT ... USING INDEX that needs the index is not rehearsed.
-        A lock not granted within the online lock_timeout rolls back and tries again."""
+        A lock not granted within the online lock_timeout rolls back and tries again.
+
+        In online mode a big existing table that the set's statements rewrite rows of (0007's
+        consolidation) is rehearsed on a private copy: a temporary table of the same name, which
+        the statements' unqualified names resolve to first, so the rehearsal locks none of the
+        live rows the app writes (the copy has the table's columns, defaults, checks and indexes;
+        not its foreign keys or triggers)."""
         attempts = 0
+        shadows = self._shadow_candidates(checks) if self.mode == "online" else []
         while True:
             attempts += 1
             try:
                 with self.conn.transaction(force_rollback=True):
                     self._take_lock(xact=True)
+                    copies = self._make_shadows(shadows)
                     self._set_lock_timeout(self._txn_lock_timeout())
                     ran, failure, skipped = self._rehearse_items(checks)
             except psycopg.Error as exc:  # only a lock timeout of our own statements gets here
@@ -784,7 +793,51 @@ class Engine:
             result = {"ok": failure is None, "failure": failure, "statements": ran, "attempts": attempts}
             if skipped:
                 result["not_rehearsed"] = skipped
+            if copies:
+                result["copies"] = copies
             return result
+
+    def _shadow_candidates(self, checks):
+        """Big existing tables whose rows pending statements rewrite, named only unqualified."""
+        written, qualified = [], []
+        for item in self._program["sequence"]:
+            for table in item.get("written") or ():
+                (qualified if table["schema"] else written).append(table)
+        for check in checks:
+            op = check.get("op") or {}
+            if op.get("table") and op["table"]["schema"]:
+                qualified.append(op["table"])
+        out = []
+        for table in written:
+            if any(t["name"] == table["name"] for t in qualified) or any(t["name"] == table["name"] for t in out):
+                continue
+            relation = _relation(self.conn, table)
+            if relation is not None and _rows_at_least(self.conn, relation, max(self.min_rows, 1))[0]:
+                out.append(table)
+        return out
+
+    def _make_shadows(self, tables):
+        copies = []
+        for table in tables:
+            start = time.monotonic()
+            oid, nsp, rel = self.conn.execute(
+                "SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.oid = to_regclass(%s)", (sql.Identifier(table["name"]).as_string(self.conn),)).fetchone()
+            live = sql.Identifier(nsp, rel).as_string(self.conn)  # qualified: the copy takes the bare name
+            # not INCLUDING INDEXES: an INVALID index (a failed concurrent build) would be built, and fail
+            self.conn.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {} INCLUDING ALL EXCLUDING INDEXES) ON COMMIT DROP").format(
+                sql.Identifier(table["name"]), sql.SQL(live)))
+            cols = [sql.Identifier(r[0]) for r in self.conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+                "AND attgenerated = '' ORDER BY attnum", (oid,)).fetchall()]
+            n = self.conn.execute(sql.SQL("INSERT INTO pg_temp.{} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}").format(
+                sql.Identifier(table["name"]), sql.SQL(", ").join(cols), sql.SQL(", ").join(cols), sql.SQL(live))).rowcount
+            for (definition,) in self.conn.execute(
+                    "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = %s AND indisvalid", (oid,)).fetchall():
+                self.conn.execute(stmts.retarget_index(definition, "pg_temp", table["name"]))
+            self.conn.execute(sql.SQL("ANALYZE pg_temp.{}").format(sql.Identifier(table["name"])))
+            copies.append({"table": live, "rows": n, "ms": _ms(start)})
+        return copies
 
     def _rehearse_items(self, checks):
         counted = _checks_by_statement(checks)

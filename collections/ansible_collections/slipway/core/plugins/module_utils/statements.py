@@ -152,6 +152,14 @@ def _index_shape(node):
     )
 
 
+def retarget_index(definition, schema, table):
+    """``pg_get_indexdef`` text rewritten to build the same (unnamed) index on ``schema.table``."""
+    node = pglast.parse_sql(definition)[0].stmt
+    node.idxname = None
+    node.relation = pgast.RangeVar(schemaname=schema, relname=table, inh=True, relpersistence="p")
+    return deparse(node)
+
+
 def _copy(node):
     return pglast.parse_sql(deparse(node))[0].stmt
 
