@@ -133,6 +133,8 @@ def run(cluster, tmp, mods, rows, dups, rate, mode):
                                  lock_timeout="5s" if mode == "online" else "0").apply()
             out["apply"] = f"{(time.monotonic() - start):.1f}s {done['result']}"
             out["builds"] = "; ".join(f"{b['result']}" + (f" {b['ms']:.0f}ms" if "ms" in b else "") for b in done.get("builds", []))
+            out["builds"] += " / transactions: " + ", ".join(f"{t['ms'] / 1000:.1f}s x{t['attempts']} tries"
+                                                              for t in done.get("transactions", []))
         except engine.MigrationError as exc:
             out["apply"] = f"{(time.monotonic() - start):.1f}s FAILED: {str(exc)[:160]}"
     time.sleep(1.0)

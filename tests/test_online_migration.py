@@ -195,3 +195,24 @@ def test_one_transaction_switch_is_drizzles_behaviour(pgc, db, node_modules, tmp
     doc = as_json(migrate(pgc, db, MIGRATIONS, "--json", "--one-transaction", check=True))
     assert doc["applied_now"] == [T0007] and "builds" not in doc
     assert schema_dump(pgc, db) == reference_schema(pgc, node_modules)
+
+
+def test_a_build_after_a_write_in_the_same_chunk_waits_for_it(pgc, db, tmp_path):
+    """A file without breakpoints (one chunk) that fixes rows and then indexes them: the build must
+    not be hoisted before the transaction (it would fail on, or index, the rows the UPDATE fixes)."""
+    from test_engine_defects import new_folder
+
+    folder = new_folder(tmp_path / "a", ("0000_t", 'CREATE TABLE "t"("id" integer PRIMARY KEY, "k" text);'))
+    migrate(pgc, db, folder, check=True)
+    with pgc.connect(db) as conn:
+        conn.execute("INSERT INTO t SELECT g, 'same' FROM generate_series(1, 50) g")
+    folder = new_folder(tmp_path / "b", ("0000_t", 'CREATE TABLE "t"("id" integer PRIMARY KEY, "k" text);'),
+                        ("0001_fix", "UPDATE t SET k = 'k' || id;\nCREATE UNIQUE INDEX t_k ON t (k);"))
+    doc = as_json(migrate(pgc, db, folder, "--check", "--json", "--online-min-rows", "0"))
+    assert doc["preflight"]["rehearsal"]["ok"] and not doc["blockers"], doc["blockers"]
+    [how] = doc["execution"]["statements"]
+    assert (how["statement"], how["part"]) == (1, 2) and "after committing what runs before it" in how["how"]
+    assert doc["execution"]["atomic"] is False
+    doc = as_json(migrate(pgc, db, folder, "--json", "--online-min-rows", "0", check=True))
+    assert doc["applied_now"] == ["0001_fix"] and [b["result"] for b in doc["builds"]] == ["built"]
+    assert invalid_indexes(pgc, db) == []

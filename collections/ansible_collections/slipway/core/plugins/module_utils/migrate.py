@@ -500,9 +500,14 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
                 build = None
                 if mode == "online" and not p["txn"]:
                     build = stmts.index_build(p["node"])
-                    if build is not None:
-                        before = texts_seen[:-1] + [q["text"] for q in parts[:i]]
-                        build = _place_build(conn, build, created, seen, min_rows, before)
+                    if build is not None:  # what runs before it: earlier chunks and this chunk's earlier statements
+                        earlier = parts[:i]
+                        texts = texts_seen[:-1] + [q["text"] for q in earlier]
+                        made = created + [stmts.table_of(q["node"].relation) for q in earlier
+                                          if isinstance(q["node"], pgast.CreateStmt)]
+                        touched = seen + [(mig["tag"], number, [t for q in earlier if not q["txn"]
+                                                                for t in stmts.references(q["node"])])]
+                        build = _place_build(conn, build, made, touched, min_rows, texts)
                 plans.append((p, build))
             whole = not own_txn and not any(b for _, b in plans)
             if whole:

@@ -20,8 +20,9 @@ description:
   - Preflight with PostgreSQL's own parser (pglast) counts, on the live tables, the duplicate key
     groups that would make a pending UNIQUE/PRIMARY KEY constraint or unique index fail, with sample
     keys, and notes earlier statements of the pending set that write the table (consolidation).
-  - In check mode the pending set is also rehearsed inside a transaction with a short
-    I(lock_timeout) and rolled back; the first failure is reported (migration, statement, SQLSTATE).
+  - In check mode the pending set is also rehearsed inside a transaction and rolled back; the first
+    failure is reported (migration, statement, SQLSTATE). In online mode a big existing table whose
+    rows the set rewrites is rehearsed on a private temporary copy, so no live row is locked.
   - Apply takes an advisory lock, plans again under it, and runs the pending migrations and their
     tracking rows (sha256 of the file, created_at = C(when)), so drizzle's own migrator afterwards
     finds nothing to do.
