@@ -31,9 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 os.environ["SLIPWAY_SANDBOX_INSTANCE"] = "3"
 os.environ.pop("SLIPWAY_SANDBOX_DIR", None)
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import psycopg  # noqa: E402
+from bigtable import grow_statistics  # noqa: E402
 
 from slipway import sandbox as sb  # noqa: E402
 
@@ -103,16 +104,7 @@ class Tracker(threading.Thread):
 
 def grow(dsn, rows, dups):
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO books (id, title, author) SELECT md5(i::text)::uuid, 'b' || i, 'a' "
-                     "FROM generate_series(0, %s) i", (rows // 2 + 1,))
-        conn.execute("INSERT INTO book_view_statistics (book_id, view_type, view_count) "
-                     "SELECT md5((k / 2)::text)::uuid, CASE WHEN k %% 2 = 0 THEN 'card_view' ELSE 'reader_open' END, 1 "
-                     "FROM generate_series(1, %s) k", (rows,))
-        conn.execute("INSERT INTO book_view_statistics (book_id, view_type, view_count) "
-                     "SELECT md5((k / 2)::text)::uuid, CASE WHEN k %% 2 = 0 THEN 'card_view' ELSE 'reader_open' END, 1 "
-                     "FROM (SELECT (random() * (%s - 1))::bigint + 1 AS k FROM generate_series(1, %s)) s",
-                     (rows, int(rows * dups)))
-        conn.execute("ANALYZE book_view_statistics")
+        grow_statistics(conn, rows, dups)
         return conn.execute("SELECT max(id), count(*), pg_size_pretty(pg_total_relation_size('book_view_statistics')) "
                             "FROM book_view_statistics").fetchone()
 

@@ -13,6 +13,7 @@ import time
 
 import psycopg
 
+from bigtable import grow_statistics
 from conftest import sb
 from migtools import MIGRATIONS, T0007, add_entry, as_json, folder_copy, history, incident_db, judge, migrate, schema_dump
 
@@ -22,12 +23,7 @@ EXTRA_ROWS = 200_000
 def grow(pgc, db, rows=EXTRA_ROWS):
     """Unique (book, view_type) rows so the table is past the online threshold; returns max(id)."""
     with pgc.connect(db) as conn:
-        conn.execute("INSERT INTO books (id, title, author) SELECT md5(i::text)::uuid, 'b' || i, 'a' "
-                     "FROM generate_series(0, %s) i", (rows // 2 + 1,))
-        conn.execute("INSERT INTO book_view_statistics (book_id, view_type, view_count) "
-                     "SELECT md5((k / 2)::text)::uuid, CASE WHEN k %% 2 = 0 THEN 'card_view' ELSE 'reader_open' END, 1 "
-                     "FROM generate_series(1, %s) k", (rows,))
-        conn.execute("ANALYZE book_view_statistics")
+        grow_statistics(conn, rows)
         return conn.execute("SELECT max(id) FROM book_view_statistics").fetchone()[0]
 
 

@@ -50,7 +50,6 @@ try:
     import pglast
     from pglast import ast as pgast
     from pglast import enums as pgenums
-    from pglast.stream import RawStream
 
     HAS_PGLAST = True
     PGLAST_IMPORT_ERROR = None
@@ -174,16 +173,9 @@ def read_rows(conn, schema, table):
 # --------------------------------------------------------------------------------------------
 # Static analysis (pglast)
 # --------------------------------------------------------------------------------------------
-def _deparse(node):
-    return RawStream()(node)
-
-
-def _table(rangevar):
-    return {"schema": rangevar.schemaname, "name": rangevar.relname}
-
-
-def _same_table(a, b):
-    return a["name"] == b["name"] and (a["schema"] is None or b["schema"] is None or a["schema"] == b["schema"])
+_deparse = stmts.deparse
+_table = stmts.table_of
+_same_table = stmts.same_table
 
 
 def _table_text(t):
@@ -624,7 +616,8 @@ class Engine:
 
     def __init__(self, conn, folder, schema=DEFAULT_SCHEMA, table=DEFAULT_TABLE, include_skipped=False,
                  allow_tampered=False, allow_unknown=False, lock_timeout="5s", lock_wait=10.0,
-                 mode="online", min_rows=10000, online_lock_timeout="20ms", lock_retries=30, build_retries=3):
+                 mode="online", min_rows=10000, online_lock_timeout="20ms", lock_retries=30, build_retries=3,
+                 conflict_retries=4):
         if not schema or not table:
             raise MigrationError("tracking schema and table must be non-empty")
         if mode not in MODES:
@@ -642,6 +635,7 @@ class Engine:
         self.min_rows = int(min_rows)
         self.online_lock_timeout = online_lock_timeout
         self.lock_retries = int(lock_retries)
+        self.conflict_retries = int(conflict_retries)
         self.build_retries = int(build_retries)
         self._lock_key = zlib.crc32(("%s.%s" % (schema, table)).encode("utf-8")) & 0x7FFFFFFF
 
@@ -1024,7 +1018,7 @@ class Engine:
         if not items:
             return
         ident = tracking_ident(self.schema, self.table)
-        attempts = 0
+        attempts = conflicts = 0
         started = time.monotonic()
         while True:
             attempts += 1
@@ -1066,14 +1060,24 @@ class Engine:
                     ", ".join(applied) + " applied" if applied else "part of " + items[0]["tag"],
                     len(done), "s" if len(done) != 1 else "", "" if not applied else ", tracking row%s written" % ("s" if len(applied) > 1 else "")))
                 return
-            if failure["sqlstate"] in RETRY_STATES and self._retries_left(attempts):
+            conflicts += failure["sqlstate"] == "40001"
+            # a lock not granted is cheap to try again; a serialization failure costs the whole
+            # transaction again, and on a table the app keeps writing may never stop recurring
+            if failure["sqlstate"] in RETRY_STATES and self._retries_left(attempts) \
+                    and conflicts <= self.conflict_retries:
                 self._backoff(attempts)
                 continue
             if before:
                 failure["before_statement"] = before
             plan["result"] = "failed"
             plan["error"] = failure
-            if failure["sqlstate"] in RETRY_STATES and self.mode == "online":
+            if failure["sqlstate"] == "40001" and self.mode == "online":
+                failure["message"] += (
+                    " (%d tries at REPEATABLE READ, %.0f s: the app kept updating rows these statements rewrite; "
+                    "slipway will not rewrite them at READ COMMITTED, where those updates would be lost; run again "
+                    "when the table is quieter, or use one transaction as drizzle does and accept that risk)"
+                    % (attempts, time.monotonic() - started))
+            elif failure["sqlstate"] in RETRY_STATES and self.mode == "online":
                 failure["message"] += " (%d tries with lock_timeout %s)" % (attempts, self.online_lock_timeout)
             scope = "everything rolled back, tracking table unchanged" if not plan["committed"] \
                 else "this transaction rolled back"
