@@ -1005,10 +1005,10 @@ class Engine:
                 else:
                     segment.append(item)
             self._commit_segment(segment, plan, checks)
-        except MigrationFailed as exc:
-            if not plan["committed"]:
-                self._drop_prebuilt(built, plan)
-            elif plan["committed"]:
+        except (MigrationError, psycopg.Error) as exc:
+            # an index built ahead for a migration that did not commit is not left behind
+            self._drop_prebuilt([b for b in built if b["tag"] not in plan["applied_now"]], plan)
+            if plan["committed"] and isinstance(exc, MigrationError):
                 exc.args = (exc.args[0] + "; committed before the failure: " + "; ".join(plan["committed"]),)
             raise
 
@@ -1159,12 +1159,17 @@ class Engine:
 
     def _drop_prebuilt(self, built, plan):
         for build in built:
-            found = self._index_state(build)
             adopted = any(n["index"] == build["index"] and n["result"] == "adopted" for n in plan.get("builds", []))
-            if found is not None and not adopted:
-                self._drop_index(found[0])
-                plan["builds"].append({"statement": _item_label(build), "index": build["index"], "result": "dropped",
-                                       "note": "built before the transaction, which failed"})
+            try:
+                found = self._index_state(build)
+                if found is not None and not adopted:
+                    self._drop_index(found[0])
+                    plan["builds"].append({"statement": _item_label(build), "index": build["index"], "result": "dropped",
+                                           "note": "built before the transaction, which failed"})
+            except psycopg.Error:  # the connection is gone: the next run finds the index (and adopts or drops it)
+                plan["builds"].append({"statement": _item_label(build), "index": build["index"], "result": "left",
+                                       "note": "built before the transaction, which failed; the connection was lost "
+                                               "before it could be dropped"})
 
 
 RETRY_STATES = ("55P03", "40P01", "40001")  # lock_not_available, deadlock_detected, serialization_failure
