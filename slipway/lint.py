@@ -21,7 +21,7 @@ IGNORED = {
 }
 # what the online path does about a rule, for a statement it rewrote / for every transaction
 HANDLED_WHEN_REWRITTEN = {"disallowed-unique-constraint", "require-concurrent-index-creation",
-                          "constraint-missing-not-valid", "adding-serial-primary-key-field"}
+                          "constraint-missing-not-valid"}
 HANDLED_ALWAYS = {"require-lock-timeout": "slipway sets lock_timeout on every transaction"}
 _FALSE_POSITIVE = {"constraint-missing-not-valid": "UNIQUE"}  # squawk asks NOT VALID of UNIQUE, which has none
 
@@ -46,8 +46,11 @@ def lint(files: dict[str, Path], rewritten: set[tuple[str, int]], mode: str = "o
         return {"tool": "squawk", "findings": [], "error": "squawk is not installed; run ./bootstrap (squawk-cli)"}
     if not files:
         return {"tool": "squawk", "findings": [], "error": None}
-    proc = subprocess.run([exe, "--reporter", "json", "--pg-version", "15", *map(str, files.values())],
-                          capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run([exe, "--reporter", "json", "--pg-version", "15", *map(str, files.values())],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"tool": "squawk", "findings": [], "error": f"squawk could not run: {exc}"}
     try:
         raw = json.loads(proc.stdout or "[]")
     except ValueError:

@@ -470,6 +470,7 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
     created = []
     for mig in to_apply:
         writes_here = []  # (sql item, tables written) of this migration, for re-running consolidations
+        kinds_here = []  # statement kinds of this migration so far (None: not parsed)
         for number, text in enumerate(mig["statements"], 1):
             if not text.strip():
                 continue
@@ -477,9 +478,10 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
             split = stmts.split_chunk(text)
             if not split["parsed"]:
                 item = {"type": "sql", "tag": mig["tag"], "statement": number, "part": None, "text": text,
-                        "how": IN_TRANSACTION, "writes": True}  # unknown: may write anything
+                        "how": IN_TRANSACTION, "writes": True, "refs": None}  # unknown: may write anything
                 sequence.append(item)
                 seen.append((mig["tag"], number, None))  # unknown: references anything
+                kinds_here.append(None)
                 continue
             parts = split["statements"]
             refused = [p["txn"] for p in parts if p["txn"] in stmts.TXN_REFUSED]
@@ -497,16 +499,16 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
                         texts = texts_seen[:-1] + [q["text"] for q in earlier]
                         made = created + [stmts.table_of(q["node"].relation) for q in earlier
                                           if isinstance(q["node"], pgast.CreateStmt)]
-                        touched = seen + [(mig["tag"], number, [t for q in earlier if not q["txn"]
-                                                                for t in stmts.references(q["node"])])]
-                        build = _place_build(conn, build, made, touched, min_rows, texts)
+                        touched = seen + [(mig["tag"], number, _scope([q for q in earlier if not q["txn"]]))]
+                        kinds = kinds_here + [type(q["node"]).__name__ for q in earlier if not q["txn"]]
+                        build = _place_build(conn, build, made, touched, min_rows, texts, kinds)
                 plans.append((p, build))
-            whole = not own_txn and not any(b for _, b in plans)
+            whole = not own_txn and not any(b for _, b in plans)  # a kept build is described: not whole
             if whole:
                 item = {"type": "sql", "tag": mig["tag"], "statement": number, "part": None, "text": text, "how": IN_TRANSACTION}
                 sequence.append(item)
-                tables = [t for p in parts for t in stmts.references(p["node"])]
-                seen.append((mig["tag"], number, tables))
+                seen.append((mig["tag"], number, _scope(parts)))
+                kinds_here += [type(p["node"]).__name__ for p in parts]
                 _note_writes(writes_here, item, parts)
                 created += [stmts.table_of(p["node"].relation) for p in parts if isinstance(p["node"], pgast.CreateStmt)]
                 continue
@@ -521,6 +523,9 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
                 part = k if len(parts) > 1 else None
                 if p["txn"]:
                     continue
+                if build is not None and build["phase"] == "kept":
+                    described.append({"tag": mig["tag"], "statement": number, "part": part, "how": build["how"], "why": build["why"]})
+                    build = None
                 if build is None:
                     item = {"type": "sql", "tag": mig["tag"], "statement": number, "part": part, "text": p["text"], "how": IN_TRANSACTION}
                     sequence.append(item)
@@ -528,7 +533,7 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
                     if isinstance(p["node"], pgast.CreateStmt):
                         created.append(stmts.table_of(p["node"].relation))
                     continue
-                build.update(tag=mig["tag"], statement=number, part=part, type="build")
+                build.update(tag=mig["tag"], statement=number, part=part, type="build", original=p["text"])
                 if build["phase"] == "inline":
                     build["consolidate"] = [i for i, tables in writes_here
                                             if any(stmts.same_table(build["table"], t) for t in tables)]
@@ -539,7 +544,8 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
                     sequence.append({"type": "sql", "tag": mig["tag"], "statement": number, "part": part,
                                      "text": build["attach"], "how": "attach", "attaches": build["index"]})
                 described.append({"tag": mig["tag"], "statement": number, "part": part, "how": build["how"], "why": build["why"]})
-            seen.append((mig["tag"], number, [t for p in parts if not p["txn"] for t in stmts.references(p["node"])]))
+            seen.append((mig["tag"], number, _scope([p for p in parts if not p["txn"]])))
+            kinds_here += [type(p["node"]).__name__ for p in parts if not p["txn"]]
         sequence.append({"type": "track", "tag": mig["tag"], "hash": mig["hash"], "when": mig["when"]})
     atomic = not any(i["type"] == "build" for i in sequence)
     return {"mode": mode, "prebuilds": prebuilds, "sequence": sequence, "atomic": atomic,
@@ -553,26 +559,45 @@ def _note_writes(writes_here, item, parts):
     tables = []
     for p in parts:
         node = p["node"]
+        if stmts.writes_rows(node) is None:
+            item["writes"] = True  # a DO block, CALL or data-modifying WITH: rows of unknown tables
         if type(node).__name__ in _DML and getattr(node, "relation", None) is not None:
             tables.append(stmts.table_of(node.relation))
+    item["kinds"] = [type(p["node"]).__name__ for p in parts]
+    item["refs"] = _scope(parts)
     if tables:
         item["writes"] = True
         item["written"] = tables
         writes_here.append((item, tables))
 
 
-def _place_build(conn, build, created, seen, min_rows, earlier_texts):
-    """Decide whether an index build runs concurrently, and when; None keeps the statement as it is."""
+def _scope(parts):
+    tables = []
+    for p in parts:
+        found = stmts.scope(p["node"])
+        if found is None:
+            return None
+        tables += found
+    return tables
+
+
+def _place_build(conn, build, created, seen, min_rows, earlier_texts, kinds_here):
+    """Decide whether an index build runs concurrently, and when; None keeps the statement as it is
+    (phase ``kept``: as it is, with the reason for the plan)."""
     table = build["table"]
     if any(stmts.same_table(table, t) for t in created):
         return None  # created by the pending set: empty, in the transaction
     relation = _relation(conn, table)
     if relation is None:
         return None  # renamed or created in an unparsed statement: the statement knows best
+    relkind = conn.execute("SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (relation.as_string(conn),)).fetchone()
+    if not relkind or relkind[0] not in ("r", "m"):
+        return None  # a partitioned table: no CONCURRENTLY, no USING INDEX
     big, rows = _rows_at_least(conn, relation, min_rows)
     if not big:
         return None
     build["relation"] = relation.as_string(conn)
+    build["rows"] = rows
     existing = conn.execute(
         "SELECT coalesce(i.indisvalid, true) FROM pg_class c LEFT JOIN pg_index i ON i.indexrelid = c.oid "
         "WHERE c.relname = %s AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = to_regclass(%s))",
@@ -587,12 +612,20 @@ def _place_build(conn, build, created, seen, min_rows, earlier_texts):
         build.update(phase="before", how="rewritten: %s, before the transaction" % what,
                      why="%s; built in the transaction the index would block its writes (SHARE lock) for the whole "
                          "build; nothing pending touches it first, so the rest stays one transaction" % size)
+    elif any(k not in stmts.REWRITES_ROWS for k in kinds_here):
+        first = earlier[-1]
+        build.update(phase="kept", how="in the transaction, as written (its writes wait for the whole build)",
+                     why="%s, but %s statement %d touches it first and the statements of this migration before it "
+                         "are not all UPDATE/DELETE: committing them before a concurrent build would leave a migration "
+                         "that cannot be run again if the build failed" % (size, first[0], first[1]))
     else:
         first = earlier[-1]
         build.update(phase="inline", how="rewritten: %s, after committing what runs before it (NOT atomic)" % what,
                      why="%s and %s statement %d touches it first, so the build must wait for that to commit; "
-                         "if the build fails on rows written meanwhile, statements of this migration that write the "
-                         "table run again and the build is retried" % (size, first[0], first[1]))
+                         "if the build fails on rows written meanwhile, this migration's UPDATE/DELETE statements "
+                         "on the table run again and the build is retried; after an interruption a re-run runs the "
+                         "whole migration again (its statements before the build are UPDATE/DELETE only)"
+                         % (size, first[0], first[1]))
     return build
 
 
@@ -683,7 +716,7 @@ class Engine:
         else:
             splits = [_item_label(i) for i in prog["sequence"] if i["type"] == "build"]
             out["summary"] = ("NOT one transaction: what runs before %s commits first; a failure after that leaves "
-                              "it committed (re-running applies the rest)" % ", ".join(splits))
+                              "it committed (a re-run runs that migration again from its first statement)" % ", ".join(splits))
         return out
 
     def _invalid_indexes(self):
@@ -806,9 +839,16 @@ class Engine:
             op = check.get("op") or {}
             if op.get("table") and op["table"]["schema"]:
                 qualified.append(op["table"])
+        items = [i for i in self._program["sequence"] if i["type"] == "sql" and not i.get("attaches")]
+        if any(i.get("refs") is None for i in items):
+            return []  # a DO block, a DROP or RENAME, an unparsed chunk: it may touch the table in ways a copy lacks
         out = []
         for table in written:
             if any(t["name"] == table["name"] for t in qualified) or any(t["name"] == table["name"] for t in out):
+                continue
+            # only row changes and reads on it: DDL, constraints or keys would meet a copy that differs
+            if any(any(t["name"] == table["name"] for t in i["refs"])
+                   and not set(i.get("kinds") or ["?"]) <= {"UpdateStmt", "DeleteStmt", "SelectStmt"} for i in items):
                 continue
             relation = _relation(self.conn, table)
             if relation is not None and _rows_at_least(self.conn, relation, max(self.min_rows, 1))[0]:
@@ -835,13 +875,26 @@ class Engine:
                     "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = %s AND indisvalid", (oid,)).fetchall():
                 self.conn.execute(stmts.retarget_index(definition, "pg_temp", table["name"]))
             self.conn.execute(sql.SQL("ANALYZE pg_temp.{}").format(sql.Identifier(table["name"])))
+            resolved = self.conn.execute(
+                "SELECT n.nspname LIKE 'pg_temp%%' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.oid = to_regclass(%s)", (sql.Identifier(table["name"]).as_string(self.conn),)).fetchone()
+            if not resolved or not resolved[0]:  # search_path puts pg_temp after the table's schema
+                self.conn.execute(sql.SQL("DROP TABLE pg_temp.{}").format(sql.Identifier(table["name"])))
+                continue
             copies.append({"table": live, "rows": n, "ms": _ms(start)})
         return copies
 
     def _rehearse_items(self, checks):
         counted = _checks_by_statement(checks)
         recounted = set()
-        ran, skipped = 0, []
+        ran, skipped, as_written = 0, [], set()
+        # a small table's index is built as written (a brief lock), so what depends on it rehearses too
+        for build in self._program["prebuilds"]:
+            if (build.get("rows") or 0) < REHEARSE_AS_WRITTEN_ROWS:
+                failure = self._run_item(dict(build, text=build["original"]))
+                if failure:
+                    return ran, failure, skipped
+                as_written.add(build["index"])
         for item in self._program["sequence"]:
             if item["type"] == "track":
                 continue
@@ -853,6 +906,13 @@ class Engine:
                 failure = self._build_stand_in(item, counted.get(key, []))
                 if failure:
                     return ran, failure, skipped
+                if (item.get("rows") or 0) < REHEARSE_AS_WRITTEN_ROWS:
+                    failure = self._run_item(dict(item, text=item["original"]))
+                    if failure:
+                        return ran, failure, skipped
+                    as_written.add(item["index"])
+                continue
+            if item.get("attaches") in as_written:
                 continue
             if item.get("attaches"):
                 skipped.append("%s: %s (needs the index built concurrently)" % (_item_label(item), _first_words(item["text"])))
@@ -1131,9 +1191,12 @@ class Engine:
                 return None
             except psycopg.Error as exc:
                 detail = error_detail(build["tag"], build["statement"], exc)
-                self._cleanup_invalid(build)
             finally:
                 self.conn.execute("RESET lock_timeout")
+            left = self._cleanup_invalid(build)
+            if left:
+                return self._build_failed(build, plan, detail["sqlstate"], detail["message"] + "; " + left, detail,
+                                          invalid_left=True)
             retry = attempts <= self.build_retries
             if detail["sqlstate"] == "23505" and retry and build.get("consolidate"):
                 notes.append({"statement": label, "index": build["index"], "result": "duplicates written during the build",
@@ -1146,16 +1209,23 @@ class Engine:
             return self._build_failed(build, plan, detail["sqlstate"], detail["message"], detail)
 
     def _cleanup_invalid(self, build):
-        found = self._index_state(build)
-        if found is not None and found[1] is False:
-            self._drop_index(found[0])
+        """Drop the INVALID index a failed build left; None, or what was left and why."""
+        try:
+            found = self._index_state(build)
+            if found is not None and found[1] is False:
+                self._drop_index(found[0])
+        except psycopg.Error as exc:
+            return ("the INVALID index %s it left could not be dropped (%s %s): drop it with DROP INDEX CONCURRENTLY, "
+                    "or run again (the next run drops it)" % (build["index"], exc.sqlstate or "-", _one_line(str(exc))))
+        return None
 
-    def _build_failed(self, build, plan, state, message, detail=None):
-        detail = detail or {"tag": build["tag"], "statement": build["statement"], "sqlstate": state, "message": message}
+    def _build_failed(self, build, plan, state, message, detail=None, invalid_left=False):
+        detail = dict(detail or {"tag": build["tag"], "statement": build["statement"], "sqlstate": state}, message=message)
         plan["result"] = "failed"
         plan["error"] = detail
-        raise MigrationFailed("migration failed building %s concurrently (no INVALID index left): %s"
-                              % (build["index"], describe_failure(detail)), detail)
+        raise MigrationFailed("migration failed building %s concurrently%s: %s"
+                              % (build["index"], "" if invalid_left else " (no INVALID index left)",
+                                 describe_failure(detail)), detail)
 
     def _drop_prebuilt(self, built, plan):
         for build in built:
@@ -1166,12 +1236,13 @@ class Engine:
                     self._drop_index(found[0])
                     plan["builds"].append({"statement": _item_label(build), "index": build["index"], "result": "dropped",
                                            "note": "built before the transaction, which failed"})
-            except psycopg.Error:  # the connection is gone: the next run finds the index (and adopts or drops it)
+            except psycopg.Error as exc:  # the next run finds the index (and adopts or drops it)
                 plan["builds"].append({"statement": _item_label(build), "index": build["index"], "result": "left",
-                                       "note": "built before the transaction, which failed; the connection was lost "
-                                               "before it could be dropped"})
+                                       "note": "built before the transaction, which failed; it could not be dropped "
+                                               "(%s %s)" % (exc.sqlstate or "-", _one_line(str(exc)))})
 
 
+REHEARSE_AS_WRITTEN_ROWS = 10000  # below this, a rehearsal builds an index as written instead of counting
 RETRY_STATES = ("55P03", "40P01", "40001")  # lock_not_available, deadlock_detected, serialization_failure
 
 

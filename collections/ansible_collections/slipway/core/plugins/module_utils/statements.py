@@ -73,6 +73,35 @@ def references(node):
     return found
 
 
+# statements whose effect stays on the tables they name; any other kind (DROP, RENAME, CREATE
+# EXTENSION/FUNCTION/TYPE, DO, CALL, ...) may change what any name means or can do
+_TABLE_LOCAL = {"CreateStmt", "AlterTableStmt", "IndexStmt", "UpdateStmt", "DeleteStmt", "InsertStmt",
+                "SelectStmt", "CreatePolicyStmt", "CommentStmt", "GrantStmt", "VariableSetStmt",
+                "CreateSeqStmt", "AlterSeqStmt", "ViewStmt"}
+REWRITES_ROWS = ("UpdateStmt", "DeleteStmt")  # re-runnable consolidations: a second run finds nothing left
+
+
+def scope(node):
+    """The tables a statement can affect, or None when it may affect anything."""
+    if type(node).__name__ not in _TABLE_LOCAL:
+        return None
+    return references(node)
+
+
+def writes_rows(node):
+    """True, False, or None (cannot tell: a DO block, a CALL, a data-modifying WITH)."""
+    kind = type(node).__name__
+    if kind in ("UpdateStmt", "DeleteStmt", "InsertStmt", "MergeStmt"):
+        return True
+    if kind in ("DoStmt", "CallStmt"):
+        return None
+    if kind == "SelectStmt" and node.withClause is not None:
+        for cte in node.withClause.ctes or ():
+            if type(cte.ctequery).__name__ in ("UpdateStmt", "DeleteStmt", "InsertStmt", "MergeStmt"):
+                return None
+    return False
+
+
 def split_chunk(text):
     """``{"parsed", "error", "statements": [{"text", "node", "txn"}]}``: the chunk's statements in
     order; ``txn`` is the transaction-control word of a BEGIN/COMMIT/... statement, else None."""
