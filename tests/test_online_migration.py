@@ -212,3 +212,18 @@ def test_a_build_after_a_write_in_the_same_chunk_waits_for_it(pgc, db, tmp_path)
     doc = as_json(migrate(pgc, db, folder, "--json", "--online-min-rows", "0", check=True))
     assert doc["applied_now"] == ["0001_fix"] and [b["result"] for b in doc["builds"]] == ["built"]
     assert invalid_indexes(pgc, db) == []
+
+
+def test_create_index_if_not_exists_keeps_an_existing_index_as_drizzle_does(pgc, db, tmp_path):
+    from test_engine_defects import new_folder
+
+    base = ("0000_t", 'CREATE TABLE "t"("id" integer PRIMARY KEY, "k" text);')
+    migrate(pgc, db, new_folder(tmp_path / "a", base), check=True)
+    with pgc.connect(db) as conn:
+        conn.execute("INSERT INTO t SELECT g, 'k' || g FROM generate_series(1, 50) g")
+        conn.execute('CREATE INDEX "t_k" ON t (id)')  # made by hand, another definition
+    folder = new_folder(tmp_path / "b", base, ("0001_idx", 'CREATE INDEX IF NOT EXISTS "t_k" ON "t" ("k");'))
+    doc = as_json(migrate(pgc, db, folder, "--json", "--online-min-rows", "0", check=True))
+    assert doc["applied_now"] == ["0001_idx"] and [b["result"] for b in doc["builds"]] == ["kept"]
+    with pgc.connect(db) as conn:
+        assert "(id)" in conn.execute("SELECT pg_get_indexdef('t_k'::regclass)").fetchone()[0]

@@ -1172,6 +1172,10 @@ class Engine:
                 name, valid, definition, relkind = found
                 if relkind not in ("i", "I"):
                     return self._build_failed(build, plan, "42P07", "relation %s already exists and is not an index" % name)
+                if valid and build.get("if_not_exists"):
+                    notes.append({"statement": label, "index": name, "result": "kept",
+                                  "note": "CREATE INDEX IF NOT EXISTS and a valid index of that name exists"})
+                    return None
                 if valid and stmts.same_index(definition, build["index_node"]):
                     notes.append({"statement": label, "index": name, "result": "adopted",
                                   "note": "a valid index of that definition already existed (an interrupted earlier run)"})
@@ -1229,7 +1233,7 @@ class Engine:
 
     def _drop_prebuilt(self, built, plan):
         for build in built:
-            adopted = any(n["index"] == build["index"] and n["result"] == "adopted" for n in plan.get("builds", []))
+            adopted = any(n["index"] == build["index"] and n["result"] in ("adopted", "kept") for n in plan.get("builds", []))
             try:
                 found = self._index_state(build)
                 if found is not None and not adopted:

@@ -129,9 +129,9 @@ def index_build(node):
             return None  # ON ONLY parent: a partitioned-table stub, cannot be built concurrently
         built = _copy(node)
         built.concurrent = True
-        built.if_not_exists = False
+        built.if_not_exists = False  # an existing index is looked at first (IF NOT EXISTS: kept, as drizzle keeps it)
         return {"kind": "index", "table": table_of(node.relation), "index": node.idxname, "unique": bool(node.unique),
-                "build": deparse(built), "attach": None, "index_node": built}
+                "build": deparse(built), "attach": None, "index_node": built, "if_not_exists": bool(node.if_not_exists)}
     if isinstance(node, pgast.AlterTableStmt) and node.relation is not None and len(node.cmds or ()) == 1:
         cmd = node.cmds[0]
         con = cmd.def_
