@@ -422,9 +422,6 @@ def _recount(conn, check):
 
 
 # --------------------------------------------------------------------------------------------
-# The engine
-# --------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------
 # How each statement runs: the program
 # --------------------------------------------------------------------------------------------
 MODES = ("online", "transaction")
@@ -443,6 +440,17 @@ def _rows_at_least(conn, relation, min_rows):
     n = conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT {}) AS s").format(
         relation, sql.Literal(int(min_rows)))).fetchone()[0]
     return n >= min_rows, int(n)
+
+
+def _index_named(conn, name, relation):
+    """(name as regclass text, valid, definition, relkind) of the relation called ``name`` in the
+    schema of the table ``relation`` (quoted text), or None. valid is None for a non-index."""
+    return conn.execute(
+        "SELECT c.oid::regclass::text, i.indisvalid, pg_get_indexdef(c.oid), c.relkind FROM pg_class c "
+        "LEFT JOIN pg_index i ON i.indexrelid = c.oid WHERE c.relname = %s "
+        "AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = to_regclass(%s))",
+        (name, relation),
+    ).fetchone()
 
 
 def _human_rows(n):
@@ -552,16 +560,14 @@ def build_program(conn, to_apply, mode="online", min_rows=10000):
             "blockers": blockers, "statements": described}
 
 
-_DML = ("UpdateStmt", "DeleteStmt", "InsertStmt", "MergeStmt")
-
-
 def _note_writes(writes_here, item, parts):
     tables = []
     for p in parts:
         node = p["node"]
-        if stmts.writes_rows(node) is None:
+        writes = stmts.writes_rows(node)
+        if writes is None:
             item["writes"] = True  # a DO block, CALL or data-modifying WITH: rows of unknown tables
-        if type(node).__name__ in _DML and getattr(node, "relation", None) is not None:
+        elif writes and getattr(node, "relation", None) is not None:
             tables.append(stmts.table_of(node.relation))
     item["kinds"] = [type(p["node"]).__name__ for p in parts]
     item["refs"] = _scope(parts)
@@ -598,11 +604,8 @@ def _place_build(conn, build, created, seen, min_rows, earlier_texts, kinds_here
         return None
     build["relation"] = relation.as_string(conn)
     build["rows"] = rows
-    existing = conn.execute(
-        "SELECT coalesce(i.indisvalid, true) FROM pg_class c LEFT JOIN pg_index i ON i.indexrelid = c.oid "
-        "WHERE c.relname = %s AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = to_regclass(%s))",
-        (build["index"], build["relation"])).fetchone()
-    if existing is not None and existing[0] and any(build["index"] in text for text in earlier_texts):
+    existing = _index_named(conn, build["index"], build["relation"])
+    if existing is not None and existing[1] is not False and any(build["index"] in text for text in earlier_texts):
         return None  # e.g. DROP INDEX x ... CREATE INDEX x: the statements, in order, in the transaction
     earlier = [(t, n) for t, n, tables in seen if tables is None or any(stmts.same_table(table, x) for x in tables)]
     what = "CREATE UNIQUE INDEX CONCURRENTLY, then ADD CONSTRAINT ... UNIQUE USING INDEX in the transaction" \
@@ -888,13 +891,10 @@ class Engine:
         counted = _checks_by_statement(checks)
         recounted = set()
         ran, skipped, as_written = 0, [], set()
-        # a small table's index is built as written (a brief lock), so what depends on it rehearses too
         for build in self._program["prebuilds"]:
-            if (build.get("rows") or 0) < REHEARSE_AS_WRITTEN_ROWS:
-                failure = self._run_item(dict(build, text=build["original"]))
-                if failure:
-                    return ran, failure, skipped
-                as_written.add(build["index"])
+            failure = self._rehearse_as_written(build, as_written)
+            if failure:
+                return ran, failure, skipped
         for item in self._program["sequence"]:
             if item["type"] == "track":
                 continue
@@ -903,14 +903,9 @@ class Engine:
                 recounted.add(key)
                 self._recount_all(counted.get(key, []))
             if item["type"] == "build":
-                failure = self._build_stand_in(item, counted.get(key, []))
+                failure = self._build_stand_in(item, counted.get(key, [])) or self._rehearse_as_written(item, as_written)
                 if failure:
                     return ran, failure, skipped
-                if (item.get("rows") or 0) < REHEARSE_AS_WRITTEN_ROWS:
-                    failure = self._run_item(dict(item, text=item["original"]))
-                    if failure:
-                        return ran, failure, skipped
-                    as_written.add(item["index"])
                 continue
             if item.get("attaches") in as_written:
                 continue
@@ -923,6 +918,16 @@ class Engine:
             ran += 1
         return ran, None, skipped
 
+    def _rehearse_as_written(self, build, as_written):
+        """A small table's index is built as written (a brief lock), so what depends on it rehearses
+        too; records it in ``as_written``. A failure detail or None."""
+        if (build.get("rows") or 0) >= REHEARSE_AS_WRITTEN_ROWS:
+            return None
+        failure = self._run_item(dict(build, text=build["original"]))
+        if failure is None:
+            as_written.add(build["index"])
+        return failure
+
     def _build_stand_in(self, item, checks):
         """In a rehearsal: would the concurrent build of ``item`` find duplicates now?"""
         for check in checks:
@@ -933,9 +938,12 @@ class Engine:
         return None
 
     def _recount_all(self, checks):
+        """Count each check again right before its statement; returns the counts by check."""
+        before = {}
         for check in checks:
             if not check.get("written_in_statement"):
-                check["at_statement"] = _recount(self.conn, check)
+                check["at_statement"] = before[check["what"]] = _recount(self.conn, check)
+        return before
 
     def _run_item(self, item):
         """Run one sql item in the current transaction; a failure detail or None. Raises when the
@@ -1100,10 +1108,7 @@ class Engine:
                     key = (item["tag"], item["statement"])
                     if key not in counted:
                         counted.add(key)
-                        before = {}
-                        for check in checks.get(key, []):
-                            if not check.get("written_in_statement"):
-                                check["at_statement"] = before[check["what"]] = _recount(self.conn, check)
+                        before = self._recount_all(checks.get(key, []))
                     failure = self._run_item(item)
                     if failure:
                         break
@@ -1145,14 +1150,7 @@ class Engine:
 
     # ---- concurrent index builds -------------------------------------------------------------
     def _index_state(self, build):
-        """(oid name, valid, definition) of an index of the build's name in its table's schema, or None."""
-        row = self.conn.execute(
-            "SELECT c.oid::regclass::text, i.indisvalid, pg_get_indexdef(c.oid), c.relkind FROM pg_class c "
-            "LEFT JOIN pg_index i ON i.indexrelid = c.oid WHERE c.relname = %s "
-            "AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = to_regclass(%s))",
-            (build["index"], build["relation"]),
-        ).fetchone()
-        return row
+        return _index_named(self.conn, build["index"], build["relation"])
 
     def _drop_index(self, name):
         self.conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.SQL(name)))
