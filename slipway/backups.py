@@ -91,8 +91,10 @@ def restore_target(host: str, backup_id: str) -> str:
     from .runner import resolve_target
 
     hosts = resolve_target(host)
-    if len(hosts) != 1:
-        raise SlipwayError(f"restore works on one host; {host!r} names {len(hosts)} ({', '.join(hosts)}): pass --host with one of them")
+    if len(hosts) != 1 or hosts[0] != host:
+        # a group (even of one host) or a pattern: a restore replaces a database, so it names its host
+        raise SlipwayError(f"restore works on one named host; {host!r} is a group or pattern of {len(hosts)} "
+                           f"({', '.join(hosts)}): pass --host with the host's own name")
     target = hosts[0]
     parsed = bk.parse_id(backup_id)
     if parsed is None:

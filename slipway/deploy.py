@@ -7,11 +7,14 @@ change), 4 another deploy holds a host's lock.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import secrets as pysecrets
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +98,11 @@ class PhaseTracker:
         if kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
             phase["status"] = "failed"
 
+    def last_phase(self, host: str) -> str | None:
+        """The phase this host's run had reached (the last one an event was seen for), rescue aside."""
+        names = [n for n in self.hosts.get(host, {}) if n != "rescue"]
+        return names[-1] if names else None
+
     def phases(self, host: str) -> list[dict]:
         phases = self.hosts.get(host, {})
         ordered = [phases[p] for p in PHASES if p in phases] + [v for k, v in phases.items() if k not in PHASES]
@@ -151,6 +159,53 @@ def _check_lines(report: dict, migrations: dict | None = None) -> list[str]:
     return lines
 
 
+_INVENTORY_OVERRIDES = {"allow_tampered": "slipway_migrate_allow_tampered",
+                        "include_skipped": "slipway_migrate_include_skipped",
+                        "allow_unknown": "slipway_migrate_allow_unknown"}
+
+
+def name_overrides(text: str | None) -> str | None:
+    """The engine names its overrides in words; `invoke deploy` takes them from the inventory."""
+    from ansible_collections.slipway.core.plugins.module_utils.migrate import OVERRIDES
+
+    for key, words in OVERRIDES.items():
+        text = text.replace(words, f"set {_INVENTORY_OVERRIDES[key]}: true for the host in the inventory") if text else text
+    return text
+
+
+def check_report_path(report_path: str) -> None:
+    """--report must name a file slipway can write: checked before anything happens."""
+    path = Path(report_path)
+    if path.is_dir():
+        raise SlipwayError(f"--report {report_path} is a directory; give a file path, e.g. --report {path / 'deploy.json'}")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise SlipwayError(f"--report {report_path}: directory {parent} does not exist; create it or pick another path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SlipwayError(f"--report {report_path} is not writable; pick another path")
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slipway-report-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise SlipwayError(f"--report {report_path}: cannot write in {parent} ({exc.strerror or exc}); pick a writable path") from None
+
+
+def check_secrets(hosts: list[str]) -> None:
+    from .vault import check_hosts
+
+    check_hosts(hosts)
+
+
+def write_report(report_path: str, report: dict) -> None:
+    """The JSON report, written whole (a temporary file renamed into place)."""
+    from .files import write_private
+
+    write_private(Path(report_path), json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", mode=0o600)
+
+
 def _known_secrets(hosts: list[str]) -> list[str]:
     """The sandbox hosts' secrets (when it is the sandbox), so reports can be scrubbed of them too."""
     try:
@@ -167,6 +222,49 @@ def _known_secrets(hosts: list[str]) -> list[str]:
         return []
 
 
+@contextlib.contextmanager
+def _stop_on_signals():
+    """While the run is under way, SIGINT/SIGTERM/SIGHUP ask it to stop (the playbook's process
+    group is killed, the hosts' processes of the run are stopped by the lock keepers, the report
+    tells what was done); a second signal is not needed and changes nothing. Yields the event."""
+    stop = threading.Event()
+    names = {}
+
+    def handler(signum, frame):
+        names.setdefault("signal", signal.Signals(signum).name)
+        stop.set()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    stop.names = names
+    try:
+        yield stop
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+def _interrupted(locks, tracker, run_id: str, release: str, how: str, out) -> dict:
+    """After a playbook that did not finish: stop the run's processes on every host (lock kept),
+    then write each host's record from the run's journal. Returns {host: what was found}."""
+    from . import journal
+
+    from .remote import connect
+
+    found = {}
+    for lock in locks:
+        stopped = lock.stop_run()
+        try:
+            conn = lock.conn if lock.held else connect(lock.host)
+            state = journal.reconcile(conn, lock.app_dir, run_id, release, how,
+                                      phase=tracker.last_phase(lock.host))
+        except Exception as exc:  # noqa: BLE001 - unreachable host, broken channel: said in the report
+            message = str(exc) if isinstance(exc, SlipwayError) else f"{type(exc).__name__}: {exc}"
+            state = {"record": None, "written": False,
+                     "error": redact_text(message) + "; the next deploy records what this run did"}
+        found[lock.host] = {**state, "stopped": stopped}
+    return found
+
+
 def deploy(host: str, release: str | None = None, check: bool = False, report_path: str | None = None,
            out=sys.stdout) -> int:
     from . import release as rel
@@ -175,8 +273,9 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
 
     started = time.monotonic()
     hosts = resolve_target(host)
-    if report_path and not Path(report_path).resolve().parent.is_dir():
-        raise SlipwayError(f"--report {report_path}: directory {Path(report_path).resolve().parent} does not exist; create it or pick another path")
+    if report_path:
+        check_report_path(report_path)
+    check_secrets(hosts)
     built = rel.build(release)
     runtime_id, runtime_archive, runtime_python = rel.runtime()
     run_id = new_run_id()
@@ -186,17 +285,32 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
     tracker = PhaseTracker(out)
     extravars = deploy_extravars(run_id, built, (runtime_id, runtime_archive, runtime_python))
     command = "invoke deploy --host " + host + (" --check" if check else "")
+    interrupted: dict = {}
+    how = ""
     try:
-        with lock_hosts(hosts, run_id, command) as locks:
+        with _stop_on_signals() as stop, lock_hosts(hosts, run_id, command, extra={"release": built.id}) as locks:
             for lock in locks:
                 if lock.stale_message:
                     print(f"  {lock.host}: {lock.stale_message}", file=out, flush=True)
-            result = run_playbook("deploy.yml", host, extravars, check=check, on_event=tracker)
+            result = run_playbook("deploy.yml", host, extravars, check=check, on_event=tracker, cancel=stop.is_set)
+            lost = [lock for lock in locks if not lock.held]
+            if not result["finished"]:
+                how = (f"stopped by {stop.names.get('signal', 'a signal')}" if stop.is_set() else
+                       f"ansible-playbook ended before the deploy finished (exit {result['rc']})")
+                cut = locks
+            elif lost:
+                how = ("the deploy lock's SSH channel to the host broke during the run; the lock keeper there "
+                       "stopped the run's processes")
+                cut = lost
+            if not result["finished"] or lost:
+                print(f"  {how}: stopping the run's processes on {', '.join(sorted(lock.host for lock in cut))}",
+                      file=out, flush=True)
+                interrupted = _interrupted(cut, tracker, run_id, built.id, how, out)
     except LockHeld as exc:
         raise SlipwayError(str(exc), exit_code=4) from None
     known = _known_secrets(hosts)
     data = redact_mapping(result["data"].get("deploy", {}), known=known)
-    failures = [{**f, "msg": redact_text(f["msg"], known=known)} for f in result["failures"]]
+    failures = [{**f, "msg": redact_text(name_overrides(f["msg"]), known=known)} for f in result["failures"]]
     report = {
         "host": host,
         "run_id": run_id,
@@ -206,11 +320,29 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
         "hosts": {},
         "seconds": round(time.monotonic() - started, 2),
     }
-    ok = result["rc"] == 0
+    ok = result["rc"] == 0 and result["finished"]
     for name in hosts:
         info = data.get(name) or {}
         phases = tracker.phases(name)
         failure = info.get("failure")
+        if failure:
+            failure = {**failure, "cause": name_overrides(failure.get("cause"))}
+        cut = interrupted.get(name)
+        record = (cut or {}).get("record") or {}
+        if cut is not None and (not info or info.get("result") != "ok"):
+            # the playbook did not get to write this host's record: the journal tells what happened
+            phase = tracker.last_phase(name) or "preflight"
+            info = {
+                "result": "interrupted",
+                "previous": record.get("previous"),
+                "release_state": {"id": built.id, "previous": record.get("previous"),
+                                  "switched": bool(record.get("switched_from")), "current": record.get("current")},
+                "migrations_applied": record.get("migrations_applied") or [],
+                "backup": record.get("backup"),
+                "pm2": record.get("pm2"),
+                "rolled_back": record.get("rolled_back"),
+            }
+            failure = {"phase": phase, "task": None, "cause": how}
         if not failure:
             first = next((f for f in failures if f["host"] == name), None)
             if first:
@@ -231,7 +363,12 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
             "failure": failure,
             "rolled_back": bool(info.get("rolled_back")),
         }
-    report["result"] = "ok" if ok and all(h["result"] == "ok" for h in report["hosts"].values()) else "failed"
+        if cut is not None:
+            report["hosts"][name]["interrupted"] = {
+                "how": how, "processes_stopped": cut["stopped"], "record_written": cut.get("written"),
+                "current": record.get("current"), "error": cut.get("error")}
+    report["result"] = ("interrupted" if interrupted else
+                        "ok" if ok and all(h["result"] == "ok" for h in report["hosts"].values()) else "failed")
     report["changed"] = sum(h["changed"] for h in report["hosts"].values())
     print("", file=out)
     for line in _summary_table(report):
@@ -241,27 +378,65 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
         for line in _check_lines(report, built.migrations):
             print(line, file=out)
     for name, info in report["hosts"].items():
-        if info["failure"]:
-            f = info["failure"]
-            backup = info.get("backup") or {}
-            print(f"\n{name}: FAILED in {f['phase']}: {f['cause']}", file=out)
-            if info["rolled_back"]:
-                print(f"{name}: rolled back: current -> {info['previous']} (reloaded)", file=out)
-            elif f["phase"] == "preflight":
-                print(f"{name}: stopped before any change", file=out)
-            if backup.get("path"):
-                print(f"{name}: the pre-deploy database is in {backup['path']} "
-                      f"(restore: invoke rollback --host {name} --db restore --backup {backup.get('id')})", file=out)
+        for line in _failure_lines(name, info, host):
+            print(line, file=out)
     if check:
         tail = f"checked {built.id} for {', '.join(hosts)} in {report['seconds']:.1f}s; a deploy would make {report['changed']} change(s)"
     elif report["result"] == "ok":
         tail = f"deployed {built.id} to {', '.join(hosts)} in {report['seconds']:.1f}s, {report['changed']} change(s)"
+    elif report["result"] == "interrupted":
+        tail = f"the deploy of {built.id} to {', '.join(hosts)} was interrupted ({how}; {report['seconds']:.1f}s); see above what it did"
     else:
         tail = f"{built.id} was not deployed to {', '.join(hosts)} ({report['seconds']:.1f}s; see the failure above)"
     print(f"\n{report['result'].upper()}: {tail}", file=out, flush=True)
     if report_path:
-        Path(report_path).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+        try:
+            write_report(report_path, report)
+        except OSError as exc:
+            print(f"error: cannot write the report {report_path} ({exc.strerror or exc}); the deploy's outcome is above "
+                  f"and in each host's deploys.jsonl", file=sys.stderr)
+            return 1
     return 0 if report["result"] == "ok" else 1
+
+
+def _failure_lines(name: str, info: dict, target: str) -> list[str]:
+    """What went wrong on one host, what the run changed there, and what to do next."""
+    f = info.get("failure")
+    if not f:
+        return []
+    lines = []
+    backup = info.get("backup") or {}
+    state = info.get("release_state") or {}
+    if info["result"] == "interrupted":
+        cut = info.get("interrupted") or {}
+        lines.append(f"\n{name}: INTERRUPTED in {f['phase']}: {f['cause']}")
+        done = []
+        if backup.get("path"):
+            done.append(f"backup {backup.get('id')} taken")
+        if state.get("switched"):
+            done.append(f"current switched from {state.get('previous')} to {state.get('id')}")
+        applied = info.get("migrations_applied") or []
+        done.append("migrations committed: " + (", ".join(applied) if applied else "none"))
+        pm2 = info.get("pm2") or {}
+        done.append(f"PM2 {pm2.get('action')} on {pm2.get('release')}" if pm2.get("action") else "PM2 not reloaded")
+        lines.append(f"{name}: what the run did: " + "; ".join(done))
+        if not cut.get("processes_stopped"):
+            lines.append(f"{name}: could not confirm that the run's processes on the host were stopped "
+                         f"({cut.get('error') or 'the lock keeper did not answer'}); the next deploy's lock keeper stops them first")
+        nxt = f"{name}: next: `invoke deploy --host {target}` finishes the deploy (idempotent)"
+        if state.get("switched"):
+            nxt += f", or `invoke rollback --host {name}` returns to {state.get('previous')}"
+        lines.append(nxt)
+    else:
+        lines.append(f"\n{name}: FAILED in {f['phase']}: {f['cause']}")
+        if info["rolled_back"]:
+            lines.append(f"{name}: rolled back: current -> {info['previous']} (reloaded)")
+        elif f["phase"] == "preflight":
+            lines.append(f"{name}: stopped before any change")
+    if backup.get("path"):
+        lines.append(f"{name}: the pre-deploy database is in {backup['path']} "
+                     f"(restore: invoke rollback --host {name} --db restore --backup {backup.get('id')})")
+    return lines
 
 
 def rollback(host: str, release: str | None = None, db: str | None = None, backup: str | None = None,

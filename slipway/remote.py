@@ -18,6 +18,7 @@ import contextlib
 import getpass
 import json
 import os
+import re
 import shlex
 import socket
 import threading
@@ -34,7 +35,9 @@ CONNECT_TIMEOUT = 10
 HEARTBEAT_SECONDS = 10
 KEEPER_SILENCE_SECONDS = 60
 RELEASE_TIMEOUT = 10
-LOCK_HELD_EXIT = 75  # flock -E: "another run holds the lock" (EX_TEMPFAIL)
+STOP_SECONDS = 30  # how long the keeper waits for the run's processes on the host before SIGKILL
+LOCK_HELD_EXIT = 75
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a file name on the host  # flock -E: "another run holds the lock" (EX_TEMPFAIL)
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
 
@@ -245,22 +248,69 @@ class LockHeld(SlipwayError):
         self.meta = meta
 
 
-# Runs under `flock -n -E 75 <lock> bash -c KEEPER slipway-deploy-lock <meta> <json> <silence>`
-# while the lock is held: EOF on stdin (the controller died) or <silence> seconds without a line
-# end it and leave the metadata behind (= stale); RELEASE removes the metadata first.
-# POSIX sh apart from `read -t` (bash, ksh and busybox ash have it; dash does not: hence bash).
+# Runs under `flock -n -E 75 <lock> bash -c KEEPER slipway-deploy-lock <meta> <json> <silence> <stop>
+# <run_id>` while the lock is held. It first ends what a killed run may have left (pids registered
+# in run/, see module_utils/runguard.py), then writes the metadata (with its own pid) and says
+# ACQUIRED. Every way out of the loop stops the run first: SIGTERM to every registered process of
+# the run, the commit lock taken exclusively (a commit under way finishes, none starts), and after
+# <stop> seconds SIGKILL; only then does the flock go. RELEASE also removes the metadata; EOF on
+# stdin (the controller or its connection died) or <silence> seconds without a line leave it
+# behind (= stale) and journal `lost`; STOP stops the run's processes and keeps the lock.
+# POSIX sh apart from `read -t` and $SECONDS (bash, ksh and busybox ash have them; dash does not:
+# hence bash).
 KEEPER = """\
 meta=$1
+run=$5
+dir=${meta%/*}
 tmp="$meta.tmp.$$"
 umask 077
+starttime() { s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0; s=${s##*\\) }; set -- $s; printf %s "${20}"; }
+live() { [ -n "$2" ] && [ "$(starttime "$1")" = "$2" ]; }
+stop_run() {
+  : > "$dir/run.closing"
+  for f in "$dir"/run/*; do
+    case $f in *.tmp|*'*') continue;; esac
+    p=${f##*/}; if live "$p" "$(cat "$f" 2>/dev/null)"; then kill -TERM "$p" 2>/dev/null; else rm -f "$f"; fi
+  done
+  exec 8>>"$dir/commit.lock"
+  flock -x -w "$1" 8
+  end=$((SECONDS + $1))
+  while :; do
+    left=0
+    for f in "$dir"/run/*; do
+      case $f in *.tmp|*'*') continue;; esac
+      p=${f##*/}; st=$(cat "$f" 2>/dev/null)
+      if live "$p" "$st"; then
+        if [ "$SECONDS" -ge "$end" ]; then kill -KILL "$p" 2>/dev/null; rm -f "$f"; else left=1; fi
+      else rm -f "$f"; fi
+    done
+    [ "$left" = 0 ] && break
+    sleep 0.1
+  done
+  exec 8>&-
+}
+journal() {
+  mkdir -p -m 0700 "$dir/runs" && printf '{"at": "%s", "event": "%s", "pid": %s}\\n' \
+    "$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)" "$1" "$$" >> "$dir/runs/$run.jsonl"
+}
 if [ -e "$meta" ]; then printf 'STALE %s\\n' "$(tr -d '\\n' < "$meta")"; fi
-if ! { printf '%s\\n' "$2" > "$tmp" && chmod 0600 "$tmp" && mv -f "$tmp" "$meta"; }; then
+stop_run "$4"
+rm -f "$dir/run.closing"
+# journals of the newest 100 runs are kept
+ls -1t "$dir/runs" 2>/dev/null | tail -n +101 | while read -r f; do rm -f "$dir/runs/$f"; done
+if ! { printf '{"keeper_pid": %s, %s\\n' "$$" "${2#?}" > "$tmp" && chmod 0600 "$tmp" && mv -f "$tmp" "$meta"; }; then
   rm -f "$tmp"; echo "ERROR cannot write $meta"; exit 70
 fi
 echo ACQUIRED
 while read -r -t "$3" line; do
-  case $line in RELEASE) rm -f "$meta"; echo RELEASED; exit 0;; esac
+  case $line in
+    RELEASE) stop_run "$4"; rm -f "$meta" "$dir/run.closing"; echo RELEASED; exit 0;;
+    STOP) stop_run "$4"; echo STOPPED;;
+  esac
 done
+stop_run "$4"
+journal lost
+rm -f "$dir/run.closing"
 exit 0
 """
 
@@ -324,10 +374,15 @@ class DeployLock:
 
     def __init__(self, host: str, run_id: str, command: str = "", app_dir: str | None = None,
                  params: dict | None = None, heartbeat: float = HEARTBEAT_SECONDS,
-                 silence: int = KEEPER_SILENCE_SECONDS):
+                 silence: int = KEEPER_SILENCE_SECONDS, extra: dict | None = None):
+        if not _RUN_ID.match(run_id or ""):
+            raise SlipwayError(f"run id {run_id!r} is not a plain name")
         self.host = host
         self.run_id = run_id
         self.command = command
+        self.extra = dict(extra or {})
+        self._out = None
+        self.stale_record: dict | None = None
         self._app_dir = app_dir
         self._params = params
         self.heartbeat = heartbeat
@@ -360,8 +415,23 @@ class DeployLock:
     def stale_message(self) -> str | None:
         if not self.stale:
             return None
-        return (f"took over a stale deploy lock left by pid {self.stale.get('pid', 'unknown')} since "
-                f"{self.stale.get('started', 'an unknown time')} (its run ended without releasing)")
+        message = (f"took over the deploy lock of run {self.stale.get('run_id', '?')} (pid {self.stale.get('pid', 'unknown')} "
+                   f"since {self.stale.get('started', 'an unknown time')}), which ended without releasing it; "
+                   "its processes here were stopped first")
+        record = self.stale_record
+        if record and record.get("error"):
+            return message + f"; its record could not be written: {record['error']}"
+        if record:
+            did = []
+            if record.get("backup"):
+                did.append(f"backup {record['backup'].get('id')} taken")
+            if record.get("switched_from"):
+                did.append(f"current switched from {record['switched_from']} to {record.get('release')}")
+            did.append("migrations committed: " + (", ".join(record.get("migrations_applied") or []) or "none"))
+            if record.get("pm2"):
+                did.append(f"PM2 {record['pm2'].get('action')} on {record['pm2'].get('release')}")
+            message += "; recorded it as interrupted in deploys.jsonl (it had: " + "; ".join(did) + ")"
+        return message
 
     # -- acquire / release -------------------------------------------------------------------
     def _command(self, meta: dict) -> str:
@@ -369,7 +439,8 @@ class DeployLock:
         q = shlex.quote
         return (f"mkdir -p -m 0700 {q(directory)} && umask 077 && "
                 f"exec flock -n -E {LOCK_HELD_EXIT} {q(lock)} bash -c {q(KEEPER)} slipway-deploy-lock "
-                f"{q(meta_file)} {q(json.dumps(meta, sort_keys=True))} {self.silence}")
+                f"{q(meta_file)} {q(json.dumps(meta, sort_keys=True))} {self.silence} {STOP_SECONDS} "
+                f"{q(self.run_id)}")
 
     def acquire(self) -> DeployLock:
         if self.channel is not None:
@@ -390,10 +461,26 @@ class DeployLock:
         except BaseException:
             self._close()
             raise
+        if self.stale and self.stale.get("run_id") and self.stale.get("run_id") != self.run_id:
+            self._record_stale()
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._beat, name=f"deploy-lock-{self.host}", daemon=True)
         self._heartbeat.start()
         return self
+
+    def _record_stale(self) -> None:
+        """The run that left the lock stale did not finish: its processes here were stopped by the
+        keeper before it said ACQUIRED; write its deploy record from its journal (once)."""
+        from . import journal
+
+        stale = self.stale
+        try:
+            found = journal.reconcile(self.conn, self.app_dir, str(stale["run_id"]), stale.get("release"),
+                                      "its controller went away before the run ended (killed, or its connection "
+                                      "dropped); the host's processes of the run were stopped by the lock keeper")
+            self.stale_record = found["record"] if found["written"] else None
+        except SlipwayError as exc:
+            self.stale_record = {"error": str(exc)}
 
     def _try_acquire(self) -> bool:
         """One attempt: True when held (self.channel open), False when another process holds it."""
@@ -404,6 +491,7 @@ class DeployLock:
             "user": getpass.getuser(),
             "started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": self.command,
+            **self.extra,
         }
         chan = self.conn.transport.open_session(timeout=CONNECT_TIMEOUT)
         chan.settimeout(CONNECT_TIMEOUT + 5)
@@ -420,7 +508,7 @@ class DeployLock:
                     stale = _parse_meta(line[len("STALE "):])
                 elif line == "ACQUIRED":
                     chan.settimeout(None)
-                    self.channel, self.meta, self.stale = chan, meta, stale
+                    self.channel, self.meta, self.stale, self._out = chan, meta, stale, out
                     return True
         except TimeoutError:  # socket.timeout
             chan.close()
@@ -456,6 +544,26 @@ class DeployLock:
                 self.lost = True
                 return
 
+    def stop_run(self) -> bool:
+        """Have the keeper end every process of this run on the host (SIGTERM, a commit under way
+        finishes, SIGKILL after STOP_SECONDS) while the lock stays held. True when it confirmed."""
+        chan, out = self.channel, self._out
+        if chan is None or out is None or chan.exit_status_ready() or not self._send(b"STOP\n"):
+            return False
+        chan.settimeout(STOP_SECONDS + 15)
+        try:
+            while True:
+                line = out.readline()
+                if not line:
+                    return False
+                if line.strip() == "STOPPED":
+                    return True
+        except Exception:  # noqa: BLE001 - timeout or a broken channel: the caller reports it
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                chan.settimeout(None)
+
     def release(self) -> None:
         """Release the lock (removes the metadata on the host) and close the connection. Idempotent."""
         self._stop.set()
@@ -468,7 +576,7 @@ class DeployLock:
                 if self._send(b"RELEASE\n"):
                     with contextlib.suppress(Exception):
                         chan.shutdown_write()
-                chan.status_event.wait(RELEASE_TIMEOUT)
+                chan.status_event.wait(RELEASE_TIMEOUT + STOP_SECONDS)
         finally:
             self._close()
 
@@ -491,7 +599,7 @@ class DeployLock:
 
 
 @contextlib.contextmanager
-def lock_hosts(hosts: list[str], run_id: str, command: str = ""):
+def lock_hosts(hosts: list[str], run_id: str, command: str = "", extra: dict | None = None):
     """Hold the deploy lock of every host in ``hosts`` (taken in sorted order, so two runs over
     overlapping hosts cannot deadlock); yields the list of DeployLock in that order (each has
     ``.host``, ``.stale``, ``.stale_message``). If one is held by another run, the ones already
@@ -499,7 +607,7 @@ def lock_hosts(hosts: list[str], run_id: str, command: str = ""):
     taken: list[DeployLock] = []
     try:
         for host in sorted(set(hosts)):
-            taken.append(DeployLock(host, run_id, command).acquire())
+            taken.append(DeployLock(host, run_id, command, extra=extra).acquire())
         yield taken
     finally:
         for lock in reversed(taken):

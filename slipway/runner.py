@@ -55,13 +55,19 @@ def close_ssh_masters(control_dir: Path) -> None:
                        capture_output=True, timeout=10, check=False)
 
 
+GUARD = Path(__file__).resolve().parent / "playbook_guard.py"
+
+
 def run_playbook(playbook: str, target: str, extravars: dict | None = None, progress=None, *,
-                 check: bool = False, on_event=None) -> dict:
+                 check: bool = False, on_event=None, cancel=None) -> dict:
     """Run ``playbooks/<playbook>`` against ``target`` (a host or group); returns a result dict with
     ``rc``, ``status``, ``stats`` (set_stats data), ``failures`` (host, task, msg) and per-host counts.
 
     ``progress``: a callable given one line per task start, for the CLI's progress output;
-    ``check``: run in check mode (``--check``); ``on_event``: a callable given every event."""
+    ``check``: run in check mode (``--check``); ``on_event``: a callable given every event;
+    ``cancel``: a callable polled while it runs, True = stop it (the playbook's process group is
+    killed). ``finished`` in the result: the playbook ran to its end (its stats arrived); False when
+    it was stopped or died."""
     import ansible_runner
 
     path = PLAYBOOKS / playbook
@@ -70,12 +76,15 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
     failures: list[dict] = []
     final: dict = {}
 
+    finished = []
+
     def handle(event: dict) -> bool:
         data = event.get("event_data", {})
         kind = event.get("event")
         if on_event:
             on_event(event)
         if kind == "playbook_on_stats":
+            finished.append(True)
             final.update(data.get("artifact_data") or {})
         elif kind == "playbook_on_task_start" and progress:
             progress(data.get("task", ""))
@@ -90,17 +99,21 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
     # one ControlPersist dir per run (short path: unix sockets are limited to ~104 bytes);
     # its masters are closed when the run ends
     control_dir = Path(tempfile.mkdtemp(prefix="slipway-cp-", dir="/tmp"))
-    envvars = {**env_for_ansible(), "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir)}
+    # the guard (slipway/playbook_guard.py) ties ansible-playbook's whole process group to this
+    # process: it is killed when this process dies, however it dies
+    envvars = {**env_for_ansible(), "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir),
+               "SLIPWAY_RUN_PARENT": str(os.getpid())}
     try:
         result = ansible_runner.run(
             private_data_dir=str(private),
-            playbook=str(path),
+            binary=str(GUARD),
             inventory=inventories(),
             extravars={"slipway_target": target, **(extravars or {})},
             envvars=envvars,
-            cmdline=f"--limit {shlex.quote(target)}" + (" --check" if check else ""),
+            cmdline=f"{shlex.quote(str(path))} --limit {shlex.quote(target)}" + (" --check" if check else ""),
             quiet=True,
             event_handler=handle,
+            cancel_callback=cancel,
             suppress_env_files=True,
         )
         stats = result.stats or {}
@@ -111,6 +124,7 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
         return {
             "rc": rc,
             "status": result.status,
+            "finished": bool(finished),
             "counts": {k: v for k, v in stats.items() if isinstance(v, dict)},
             "data": final,
             "failures": [{**f, "msg": " ".join(f["msg"])} for f in failures],

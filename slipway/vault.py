@@ -44,3 +44,77 @@ def load(path: Path, password_file: Path) -> dict:
     if not isinstance(data, dict):
         raise SlipwayError(f"{path} does not hold a mapping of variables; fix or remove it")
     return data
+
+
+REQUIRED_SECRETS = ("slipway_db_password", "slipway_api_token")
+
+
+def check_hosts(hosts: list[str], required: tuple[str, ...] = REQUIRED_SECRETS) -> None:
+    """Before a run changes anything: the vault password is available and decrypts every vault
+    file the hosts' variables come from, and each host has every secret. One-line SlipwayError
+    naming the cause and the fix; no secret is ever in it."""
+    import os
+
+    from ansible.errors import AnsibleError
+    from ansible.inventory.manager import InventoryManager
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.template import Templar
+    from ansible.vars.manager import VariableManager
+
+    from .runner import env_for_ansible, inventories
+
+    env = env_for_ansible()
+    password_file = os.environ.get("ANSIBLE_VAULT_PASSWORD_FILE") or env.get("ANSIBLE_VAULT_PASSWORD_FILE")
+    loader = DataLoader()
+    if password_file:
+        path = Path(password_file).expanduser()
+        if not path.is_file():
+            raise SlipwayError(f"the vault password file {password_file} (ANSIBLE_VAULT_PASSWORD_FILE) does not exist; "
+                               "point ANSIBLE_VAULT_PASSWORD_FILE at the file holding the vault password")
+        if os.access(path, os.X_OK):
+            from ansible.parsing.vault import get_file_vault_secret
+
+            try:
+                secret = get_file_vault_secret(filename=str(path), loader=loader)
+                secret.load()
+            except AnsibleError as exc:
+                raise SlipwayError(f"the vault password script {password_file} failed ({type(exc).__name__}); "
+                                   "fix it or point ANSIBLE_VAULT_PASSWORD_FILE at a plain password file") from None
+        else:
+            try:
+                password = path.read_bytes().strip()
+            except OSError as exc:
+                raise SlipwayError(f"cannot read the vault password file {password_file} ({exc.strerror}); "
+                                   "make it readable by this user") from None
+            if not password:
+                raise SlipwayError(f"the vault password file {password_file} is empty; put the vault password in it")
+            secret = VaultSecret(password)
+        loader.set_vault_secrets([("default", secret)])
+    manager = InventoryManager(loader=loader, sources=inventories())
+    variables = VariableManager(loader=loader, inventory=manager)
+    for host in hosts:
+        entry = manager.get_host(host)
+        try:
+            values = variables.get_vars(host=entry, include_hostvars=False)
+        except AnsibleError as exc:
+            text = " ".join(str(getattr(exc, "message", exc)).split())
+            where = next((w for w in text.split() if w.endswith((".yml", ".yaml", ".json"))), "a vault file")
+            if "no vault secrets" in text.lower() and "decrypt" in text.lower() and not password_file:
+                raise SlipwayError(f"{host}: {where} is vault-encrypted and no vault password is set; export "
+                                   "ANSIBLE_VAULT_PASSWORD_FILE=<file holding the vault password>") from None
+            if "decrypt" in text.lower():
+                raise SlipwayError(f"{host}: cannot decrypt {where} with the password in {password_file} "
+                                   "(wrong vault password?); point ANSIBLE_VAULT_PASSWORD_FILE at the right one") from None
+            raise SlipwayError(f"{host}: cannot read its inventory variables ({type(exc).__name__}); "
+                               "fix the inventory file it names: " + where) from None
+        templar = Templar(loader=loader, variables=values)
+        for key in required:
+            value = values.get(key)
+            try:
+                value = templar.template(value) if isinstance(value, str) else value
+            except AnsibleError:
+                raise SlipwayError(f"{host}: {key} cannot be rendered (it refers to an undefined variable); "
+                                   f"set {key} in host_vars/{host}/vault.yml (ansible-vault edit)") from None
+            if value in (None, ""):
+                raise SlipwayError(f"{host}: {key} is not set; put it in an ansible-vault file "
+                                   f"host_vars/{host}/vault.yml (ansible-vault create) and export ANSIBLE_VAULT_PASSWORD_FILE")

@@ -22,6 +22,7 @@ Requires psycopg 3 and pglast on the machine that runs it.
 """
 from __future__ import absolute_import, annotations, division, print_function
 
+import contextlib
 import random
 import time
 import zlib
@@ -653,12 +654,15 @@ class Engine:
     def __init__(self, conn, folder, schema=DEFAULT_SCHEMA, table=DEFAULT_TABLE, include_skipped=False,
                  allow_tampered=False, allow_unknown=False, lock_timeout="5s", lock_wait=10.0,
                  mode="online", min_rows=10000, online_lock_timeout="20ms", lock_retries=30, build_retries=3,
-                 conflict_retries=4):
+                 conflict_retries=4, fence=None):
         if not schema or not table:
             raise MigrationError("tracking schema and table must be non-empty")
         if mode not in MODES:
             raise MigrationError("migration mode %r is not one of %s" % (mode, ", ".join(MODES)))
         self.conn = conn
+        # fence: module_utils/runguard.Guard of a deploy run (or None): each commit happens under
+        # fence.hold() (refused once the run lost its deploy lock) and is journaled there
+        self.fence = fence
         self.folder = folder
         self.schema = schema
         self.table = table
@@ -1091,7 +1095,8 @@ class Engine:
         while True:
             attempts += 1
             applied, counted, failure, before = [], set(), None, {}
-            with self.conn.transaction(force_rollback=False) as tx:
+            fenced = contextlib.ExitStack()
+            with fenced, self.conn.transaction(force_rollback=False) as tx:
                 if self.mode == "online" and any(i.get("writes") for i in items):
                     # rows the migration rewrites (a consolidation) while the app writes them: a
                     # concurrent update is a serialization failure and a retry, never a lost update
@@ -1114,6 +1119,10 @@ class Engine:
                         break
                 if failure:
                     raise psycopg.Rollback(tx)
+                if self.fence is not None:
+                    # held through the COMMIT (the transaction block ends first) and the journal line
+                    fenced.enter_context(self.fence.hold())
+                    fenced.push(self._journal_commit(applied, items))
             if failure is None:
                 plan["applied_now"] += applied
                 done = [_item_label(i) for i in items if i["type"] == "sql"]
@@ -1147,6 +1156,15 @@ class Engine:
             scope = "everything rolled back, tracking table unchanged" if not plan["committed"] \
                 else "this transaction rolled back"
             raise MigrationFailed("migration failed, %s: %s" % (scope, describe_failure(failure)), failure)
+
+    def _journal_commit(self, applied, items):
+        """An ExitStack exit callback: journal a transaction that committed (nothing on an error)."""
+        def record(exc_type, exc, tb):
+            if exc_type is None:
+                self.fence.record("migrations", applied=list(applied),
+                                  statements=sum(1 for i in items if i["type"] == "sql"))
+            return False
+        return record
 
     # ---- concurrent index builds -------------------------------------------------------------
     def _index_state(self, build):

@@ -107,6 +107,7 @@ import tarfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.slipway.core.plugins.module_utils import runguard
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
 MARKER = ".slipway-built"
@@ -247,7 +248,9 @@ def main():
         result["switched"] = True
 
     if not module.check_mode:
+        guard = runguard.from_env()  # inactive outside a deploy run
         try:
+            guard.start()
             for sub, mode in (("releases", 0o755), ("shared", 0o750), ("logs", 0o750)):
                 path = os.path.join(app_dir, sub)
                 if not os.path.isdir(path):
@@ -255,11 +258,20 @@ def main():
             if result["installed"]:
                 install(module, app_dir, rid, p["archive"])
             if result["switched"]:
-                switch(app_dir, rid)
+                # the switch happens, and is journaled, only while the run holds the deploy lock
+                with guard.hold():
+                    switch(app_dir, rid)
+                    guard.record("switched", release=rid, previous=previous)
             if p["archive"] and os.path.isfile(p["archive"]) and installed(releases_dir, rid):
                 os.unlink(p["archive"])
+        except (runguard.RunStopped, runguard.LockLost) as exc:
+            now = current_release(app_dir)
+            module.fail_json(msg="release %s: %s; current points at %s" % (
+                rid, exc.args[0] if exc.args else "stopped", now), **dict(result, switched=now == rid != previous))
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback
             module.fail_json(msg="release %s: %s" % (rid, redact_text(str(exc))), **result)
+        finally:
+            guard.finish()
 
     # retention: newest `keep`, plus whatever current and previous point at
     listed = installed_releases(releases_dir)

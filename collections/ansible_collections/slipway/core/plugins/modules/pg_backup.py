@@ -156,6 +156,7 @@ safety_backup:
   type: str
 """
 
+import contextlib
 import datetime
 import os
 import subprocess
@@ -163,6 +164,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.slipway.core.plugins.module_utils import backup as bk
+from ansible_collections.slipway.core.plugins.module_utils import runguard
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 from ansible_collections.slipway.core.plugins.module_utils.postgres import postgres_argument_spec
 
@@ -211,7 +213,12 @@ class Pg(object):
     def run(self, name, args, what, stdout=subprocess.PIPE):
         proc = subprocess.Popen([self.program(name)] + args, stdout=stdout, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, env=self.env)
-        out, err = proc.communicate()
+        try:
+            out, err = proc.communicate()
+        except BaseException:  # stopped (the deploy run ended): the client program goes too
+            proc.kill()
+            proc.wait()
+            raise
         if proc.returncode != 0:
             raise bk.BackupError(self.one_line(err.decode("utf-8", "replace"), what))
         return out.decode("utf-8", "replace") if out is not None else ""
@@ -237,6 +244,10 @@ class Pg(object):
     def restore(self, path):
         self.run("pg_restore", ["--clean", "--if-exists", "--single-transaction", "--exit-on-error", "--no-owner",
                                 "--no-privileges"] + self.conn_args + ["-d", self.db, path], "pg_restore")
+
+
+GUARD = runguard.Guard(None, None)  # the deploy run's guard, set in main(); inactive outside a run
+KEPT = []  # backups this module run kept (for an honest message when it is stopped afterwards)
 
 
 def require(module, *names):
@@ -284,17 +295,29 @@ def create(module, pg, reason, protect=()):
             toc = pg.toc_entries(partial)
             digest = bk.sha256_file(partial)
             os.chmod(partial, 0o600)
-            os.rename(partial, final)
         except BaseException:
             if os.path.lexists(partial):
                 os.unlink(partial)
             raise
-        bk.fsync_dir(backup_dir)
-        entry = dict(id=backup_id, file=name, host=p["host_label"], db=p["login_db"],
-                     release=p["release"], reason=reason, created=bk.iso(now), size=os.path.getsize(final),
-                     sha256=digest, toc_entries=toc)
-        kept, pruned = bk.retention(entries + [entry], p["keep"], protect=set(protect) | {backup_id})
-        bk.write_manifest(backup_dir, kept)
+        # a deploy run's backup is kept (renamed, listed, journaled) only while the run holds its lock
+        try:
+            hold = GUARD.hold()
+            hold.__enter__()
+        except BaseException:
+            os.unlink(partial)
+            raise
+        with contextlib.ExitStack() as stack:
+            stack.push(hold.__exit__)
+            os.rename(partial, final)
+            bk.fsync_dir(backup_dir)
+            entry = dict(id=backup_id, file=name, host=p["host_label"], db=p["login_db"],
+                         release=p["release"], reason=reason, created=bk.iso(now), size=os.path.getsize(final),
+                         sha256=digest, toc_entries=toc)
+            kept, pruned = bk.retention(entries + [entry], p["keep"], protect=set(protect) | {backup_id})
+            bk.write_manifest(backup_dir, kept)
+            GUARD.record("backup", id=backup_id, path=final, size=entry["size"], sha256=digest,
+                         toc_entries=toc, created=entry["created"], reason=reason)
+            KEPT.append(final)
         for old in pruned:  # after the manifest no longer names them; a failed unlink leaves a file, never a lie
             try:
                 path = bk.entry_path(backup_dir, old)
@@ -395,7 +418,10 @@ def main():
         line = " ".join(redact_text(str(msg), known=pg.secrets).split())
         module.fail_json(msg=line, changed=False, backup_dir=p["backup_dir"])
 
+    global GUARD
     try:
+        if p["action"] in ("create", "restore") and not module.check_mode:
+            GUARD = runguard.from_env().start()
         if p["keep"] < 1:
             raise bk.BackupError("keep must be at least 1 (got %d); set keep to the number of backups to retain" % p["keep"])
         if p["action"] == "plan":
@@ -407,12 +433,17 @@ def main():
             result = action_list(module)
         else:
             result = action_restore(module, pg)
+    except (runguard.RunStopped, runguard.LockLost) as exc:
+        fail("%s; %s" % (exc.args[0] if exc.args else "stopped",
+                         "the verified backup %s was kept before the stop" % KEPT[-1] if KEPT else "no backup was kept"))
     except bk.BackupError as exc:
         fail(exc)
     except (OSError, IOError) as exc:
         fail("%s: %s; check that the deploy user can write %s" % (type(exc).__name__, exc, p["backup_dir"]))
     except Exception as exc:  # noqa: BLE001 - a module reports, it does not crash with secrets in a trace
         fail("%s: %s" % (type(exc).__name__, exc))
+    finally:
+        GUARD.finish()
     module.exit_json(**result)
 
 

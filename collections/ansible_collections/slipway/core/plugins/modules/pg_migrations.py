@@ -150,6 +150,7 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils import runguard
 from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
 from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder  # noqa: E402
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text  # noqa: E402
@@ -206,7 +207,10 @@ def main():
 
     conn = None
     tmpdir = None
+    guard = runguard.from_env()  # inactive outside a deploy run
+    plan = None
     try:
+        guard.start()
         if p["migrations_content"] is not None:
             tmpdir = tempfile.mkdtemp(prefix="slipway-migrations-")
             folder = read_folder(write_folder(tmpdir, p["migrations_content"]))
@@ -222,6 +226,7 @@ def main():
             include_skipped=p["include_skipped"], allow_tampered=p["allow_tampered"],
             allow_unknown=p["allow_unknown"], lock_timeout=p["lock_timeout"], lock_wait=p["lock_wait"],
             mode=p["mode"], min_rows=p["online_min_rows"], online_lock_timeout=p["online_lock_timeout"],
+            fence=None if module.check_mode else guard,
         )
         if module.check_mode:
             plan = eng.check(rehearse=p["rehearse"])
@@ -231,11 +236,16 @@ def main():
         else:
             plan = eng.apply()
             applied = list(plan["applied_now"])
+    except (runguard.RunStopped, runguard.LockLost) as exc:
+        # the run was stopped or lost its lock: committed transactions were journaled, the rest rolled back
+        fail("%s; nothing after the last committed transaction was applied (the journal of run %s lists what was)" % (
+            exc.args[0] if exc.args else "stopped", guard.run_id), None)
     except MigrationError as exc:
         fail(str(exc), exc.plan)
     except Exception as exc:  # noqa: BLE001 - a module reports, it does not crash with secrets in a trace
         fail("%s: %s" % (type(exc).__name__, exc), None)
     finally:
+        guard.finish()
         if conn is not None:
             conn.close()
         if tmpdir is not None:

@@ -1,0 +1,214 @@
+"""Crash safety on a real sandbox host (instance 7: its own user, sshd, PostgreSQL 15, PM2): a deploy
+stopped in the middle really stops, tells the truth, and nothing moves once it has gone.
+
+Each fault run starts from the incident state with book_view_statistics grown to ROWS rows, so
+the backup and the migration last long enough for a fault to land inside them. For each fault:
+every process of the run (controller and host) is gone within a bound; the host's state right
+then and 10 s later are the same; deploys.jsonl records the interrupted run; the next
+`invoke deploy` converges; Σview_count per book is what it was before.
+Then a table of bad inputs, each refused with one `error: <cause>; <fix>` line before anything
+changes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+import faults as F
+from conftest import Outputs
+
+INSTANCE = "7"
+ROWS = 300_000  # 0007's consolidation + unique index take ~1.3 s, the backup ~0.9 s on this size
+GONE_WITHIN = 45  # seconds: the keeper's STOP_SECONDS (30) for a process that ignores SIGTERM, plus margin
+STILL = 10  # seconds the state must stay put after the run is gone
+
+
+@pytest.fixture(scope="module")
+def host():
+    if os.geteuid() != 0:
+        pytest.fail("the fault tests need root: they start a sandbox host")
+    env = {"SLIPWAY_SANDBOX_INSTANCE": INSTANCE}
+    F.invoke("sandbox.down", env=env)
+    proc = F.invoke("sandbox.up", "--state", "incident", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield F.Host("sandbox", INSTANCE)
+    F.invoke("sandbox.down", env=env)
+
+
+def _fault_run(host, phase: str, fault, delay: float = 0.3):
+    """Reset, deploy, inject ``fault(deploy)`` ``delay`` s after ``phase`` starts; returns what was seen."""
+    host.reset(ROWS)
+    before = host.state()
+    records_before = len(host.records())
+    deploy = F.Deploy(host)
+    deploy.wait_for(f" {phase}")
+    time.sleep(delay)
+    fault(deploy)
+    gone, left = F.wait_gone(deploy.proc.pid, host.host.user, timeout=GONE_WITHIN + 30)
+    try:
+        rc = deploy.finish(timeout=60)
+    except Exception:  # noqa: BLE001 - a killed invoke has no output left to read
+        rc = deploy.proc.poll()
+    Outputs.texts.append(deploy.output)
+    right_after = host.state()
+    time.sleep(STILL)
+    later = host.state()
+    return {"before": before, "records_before": records_before, "deploy": deploy, "rc": rc, "gone": gone,
+            "left": left, "right_after": right_after, "later": later}
+
+
+def _converges(host, seen, killed_run: str | None = None):
+    proc = F.invoke("deploy", "--host", "sandbox", env=host.env)
+    Outputs.texts += [proc.stdout, proc.stderr]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = host.state()
+    assert after["tracking_rows"] == 8
+    assert ["book_view_statistics_book_id_view_type_unique", True] in after["indexes"] or \
+        any(valid and "view_type" in name for name, valid in after["indexes"]), after["indexes"]
+    assert after["sums"] == seen["before"]["sums"], "a view was lost or invented"
+    assert all(status == "online" for _, status, _ in after["pm2"]), after["pm2"]
+    return proc.stdout
+
+
+def _run_id(deploy) -> str:
+    first = deploy.output.splitlines()[0]
+    return first.rsplit("run ", 1)[1].strip()
+
+
+def _common(seen, host):
+    assert seen["gone"] <= GONE_WITHIN, f"processes of the run left after {seen['gone']:.1f}s: {seen['left']}"
+    assert seen["right_after"] == seen["later"], ("the host changed after the run had gone",
+                                                  seen["right_after"], seen["later"])
+    assert seen["rc"] != 0
+
+
+def test_sigkill_of_the_invoke_group_mid_migration_stops_everything(host):
+    seen = _fault_run(host, "db_migrate", lambda d: os.killpg(d.proc.pid, signal.SIGKILL))
+    _common(seen, host)
+    state = seen["right_after"]
+    # the migration was either committed whole before the kill or not at all
+    assert state["tracking_rows"] in (7, 8)
+    run_id = _run_id(seen["deploy"])
+    out = _converges(host, seen)
+    assert f"took over the deploy lock of run {run_id}" in out and "recorded it as interrupted" in out, out
+    record = next(r for r in host.records() if r.get("run_id") == run_id)
+    assert record["result"] == "interrupted"
+    assert record["backup"] and record["backup"]["id"] in " ".join(state["backups"])
+    assert record["migrations_applied"] == ([] if state["tracking_rows"] == 7 else
+                                            ["0007_add_unique_constraint_book_view_statistics"])
+
+
+def test_sigkill_of_ansible_playbook_alone_is_reported_as_it_happened(host):
+    def kill_playbook(deploy):
+        pid = F.ansible_playbook_pid(deploy.proc.pid)
+        assert pid, "no ansible-playbook of this run found"
+        os.kill(pid, signal.SIGKILL)
+
+    seen = _fault_run(host, "db_backup", kill_playbook, delay=0.4)
+    _common(seen, host)
+    out = seen["deploy"].output
+    assert "INTERRUPTED in db_backup" in out and "ansible-playbook ended before the deploy finished" in out, out
+    assert "FAILED in preflight" not in out and "stopped before any change" not in out
+    run_id = _run_id(seen["deploy"])
+    record = next(r for r in host.records() if r.get("run_id") == run_id)  # written by invoke itself
+    assert record["result"] == "interrupted" and record["migrations_applied"] == []
+    taken = seen["right_after"]["backups"] != seen["before"]["backups"]
+    assert bool(record["backup"]) == taken, (record["backup"], taken)
+    assert ("backup " + record["backup"]["id"] + " taken" in out) if taken else "what the run did:" in out
+    assert seen["right_after"]["tracking_rows"] == 7
+    _converges(host, seen)
+
+
+def test_host_sshd_and_sessions_killed_mid_migration(host):
+    seen = _fault_run(host, "db_migrate", lambda d: F.kill_host_sessions(host))
+    _common(seen, host)
+    run_id = _run_id(seen["deploy"])
+    state = seen["right_after"]
+    assert state["tracking_rows"] in (7, 8)
+    proc = F.invoke("sandbox.up", "--state", "incident", env=host.env)  # sshd back (the database is left as it is)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert host.state()["tracking_rows"] == state["tracking_rows"]
+    _converges(host, seen)
+    record = next(r for r in host.records() if r.get("run_id") == run_id)
+    assert record["result"] == "interrupted", record
+
+
+def test_sigterm_while_the_release_is_installed(host):
+    seen = _fault_run(host, "app_release", lambda d: os.kill(d.proc.pid, signal.SIGTERM), delay=0.1)
+    _common(seen, host)
+    out = seen["deploy"].output
+    assert "INTERRUPTED in app_release: stopped by SIGTERM" in out, out
+    assert seen["right_after"]["tracking_rows"] == 7
+    _converges(host, seen)
+
+
+# --------------------------------------------------------------------------------------------
+def _error_line(proc):
+    text = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode != 0, text
+    assert "Traceback" not in text and "[WARNING]" not in text and "ERROR!" not in text, text
+    lines = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and ";" in lines[0], text
+    return lines[0]
+
+
+def test_bad_inputs_are_refused_before_anything_changes(host, tmp_path):
+    host.reset(0)
+    records = len(host.records())
+    state = host.state()
+    from conftest import sb
+
+    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = INSTANCE
+    try:
+        ctl = sb.Controller()
+        vault = ctl.vault_file("sandbox")
+        password_file = ctl.vault_password_file
+    finally:
+        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = "1"
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not the vault password\n")
+    cases = [
+        (["deploy", "--host", "sandbox", "--report", str(tmp_path)], {}, "is a directory"),
+        (["deploy", "--host", "sandbox", "--report", "/proc/x.json"], {}, "--report /proc/x.json"),
+        (["deploy", "--host", "sandbox", "--report", str(tmp_path / "no" / "r.json")], {}, "does not exist"),
+        (["deploy", "--host", "sandbox"], {"ANSIBLE_VAULT_PASSWORD_FILE": str(wrong)}, "wrong vault password"),
+        (["deploy", "--host", "sandbox"], {"ANSIBLE_VAULT_PASSWORD_FILE": str(tmp_path / "missing")},
+         "does not exist"),
+        (["restore", "--host", "sandboxes", "--backup", "sandbox_booksdb_20260101T000000Z_r1", "--yes"], {},
+         "one named host"),
+        (["rollback", "--host", "sandboxes", "--db", "restore", "--backup", "sandbox_booksdb_20260101T000000Z_r1",
+          "--yes"], {}, "one named host"),
+    ]
+    for args, env, expected in cases:
+        proc = F.invoke(*args, env={**host.env, **env})
+        Outputs.texts += [proc.stdout, proc.stderr]
+        line = _error_line(proc)
+        assert expected in line, (args, line)
+    # the vault file gone: the secrets it held are missing
+    aside = vault.with_name("vault.yml.aside")
+    shutil.move(vault, aside)
+    try:
+        proc = F.invoke("deploy", "--host", "sandbox", env=host.env)
+        Outputs.texts += [proc.stdout, proc.stderr]
+        line = _error_line(proc)
+        assert "slipway_db_password is not set" in line and "--" not in line.split(";")[1], line
+    finally:
+        shutil.move(aside, vault)
+    assert password_file.exists()
+    assert len(host.records()) == records and host.state() == state
+    # a hint names only what the command has: deploy has no --allow-tampered
+    lock = host.host.app_dir / ".slipway" / "deploy.lock.json"
+    assert not lock.exists()
+
+
+def test_report_is_written_whole_and_private(host, tmp_path):
+    report = tmp_path / "r.json"
+    proc = F.invoke("deploy", "--host", "sandbox", "--report", str(report), env=host.env)
+    Outputs.texts += [proc.stdout, proc.stderr]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    assert data["result"] == "ok" and (report.stat().st_mode & 0o777) == 0o600
