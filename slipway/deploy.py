@@ -320,7 +320,10 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
         "hosts": {},
         "seconds": round(time.monotonic() - started, 2),
     }
-    ok = result["rc"] == 0 and result["finished"]
+    # a stop asked for when the playbook had already finished: its outcome is what happened
+    late_stop = result["finished"] and result["status"] == "canceled" and \
+        all((data.get(n) or {}).get("result") == "ok" for n in hosts)
+    ok = result["finished"] and (result["rc"] == 0 or late_stop)
     for name in hosts:
         info = data.get(name) or {}
         phases = tracker.phases(name)
@@ -343,7 +346,7 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
                 "rolled_back": record.get("rolled_back"),
             }
             failure = {"phase": phase, "task": None, "cause": how}
-        if not failure:
+        if not failure and not late_stop:
             first = next((f for f in failures if f["host"] == name), None)
             if first:
                 failed_phase = next((p["name"] for p in phases if p["status"] == "failed"), "preflight")

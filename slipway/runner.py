@@ -96,6 +96,10 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
         return False  # keep no events on disk beyond what ansible-runner needs
 
     private = Path(tempfile.mkdtemp(prefix="slipway-runner-"))
+    # ansible-runner polls ``cancel`` each time its pexpect wait times out (default 5 s); it reads
+    # this from env/settings only (a ``settings=`` argument is dropped when that file is missing)
+    (private / "env").mkdir(mode=0o700)
+    (private / "env" / "settings").write_text("pexpect_timeout: 0.25\n")
     # one ControlPersist dir per run (short path: unix sockets are limited to ~104 bytes);
     # its masters are closed when the run ends
     control_dir = Path(tempfile.mkdtemp(prefix="slipway-cp-", dir="/tmp"))
