@@ -208,8 +208,11 @@ def test_acquire_release_leaves_no_metadata_and_preflight_check_sees_it(remote, 
         assert stat.S_IMODE(lock_file.parent.stat().st_mode) == 0o700
         assert stat.S_IMODE(meta_file.stat().st_mode) == 0o600
         meta = json.loads(meta_file.read_text())
+        keeper = meta.pop("keeper_pid")  # written by the keeper itself: its own pid, the run's supervisor
+        assert keeper in keeper_pids(host5["uid"]), (keeper, keeper_pids(host5["uid"]))
         assert meta == lock.meta
         assert set(meta) == {"run_id", "pid", "controller", "user", "started", "command"}
+        meta["keeper_pid"] = keeper
         assert meta["run_id"] == "run-acq" and meta["pid"] == os.getpid()
         assert meta["command"] == "invoke deploy --host sandbox"
         assert meta["started"].endswith("Z")
@@ -289,8 +292,9 @@ def test_killed_holder_is_taken_over_as_stale(remote, host5):
     took = time.monotonic() - started
     try:
         assert lock.stale is not None and lock.stale["pid"] == dead_pid and lock.stale["run_id"] == "run-killed"
-        assert lock.stale_message == (f"took over a stale deploy lock left by pid {dead_pid} since "
-                                      f"{meta['started']} (its run ended without releasing)")
+        assert lock.stale_message.startswith(
+            f"took over the deploy lock of run run-killed (pid {dead_pid} since {meta['started']}), which ended "
+            "without releasing it; its processes here were stopped first; recorded it as interrupted in deploys.jsonl")
         assert remote.held_by("sandbox")["run_id"] == "run-after-kill"
     finally:
         lock.release()
