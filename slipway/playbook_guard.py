@@ -5,8 +5,9 @@ ansible-runner starts its command in a session of its own (pexpect), so a signal
 process group never reaches ansible-playbook, its forked workers or their ssh clients. slipway
 passes this script as ansible-runner's ``binary``: it asks the kernel to send it SIGTERM when its
 parent (`invoke`, pid in ``SLIPWAY_RUN_PARENT``) dies — even by SIGKILL — and runs
-ansible-playbook in a process group of its own. When the parent dies, when it is sent SIGTERM,
-SIGINT or SIGHUP, and when ansible-playbook ends in any way, it kills that whole group (SIGKILL:
+ansible-playbook in its own process group (the one pexpect made for it, which ansible-runner's
+cancel kills whole). When the parent dies, when it is sent SIGTERM, SIGINT or SIGHUP, and when
+ansible-playbook ends in any way, it kills every other process of that group (SIGKILL:
 ansible-playbook, its workers, their ssh clients) and ends the run's ssh ControlPersist masters
 (``ANSIBLE_SSH_CONTROL_PATH_DIR``), so no controller process of the run outlives it. The host side
 is stopped by the deploy lock's keeper (slipway/remote.py), whose SSH channel belongs to `invoke`.
@@ -22,13 +23,32 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
-def end_masters():
-    control_dir = os.environ.get("ANSIBLE_SSH_CONTROL_PATH_DIR")
+def end_masters(control_dir):
+    """End the ControlPersist masters of one run (`ssh -O exit` on each socket in ``control_dir``)."""
     if not control_dir or not os.path.isdir(control_dir):
         return
     for name in os.listdir(control_dir):
         subprocess.run(["ssh", "-O", "exit", "-o", "ControlPath=" + os.path.join(control_dir, name), "slipway-master"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False)
+
+
+def kill_group_but_me():
+    """SIGKILL every other process of this process group, until none is left (a worker may fork
+    an ssh client while the first pass runs)."""
+    me, group = os.getpid(), os.getpgid(0)
+    for _ in range(20):
+        found = False
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == me:
+                continue
+            try:
+                if os.getpgid(int(name)) == group:
+                    os.kill(int(name), signal.SIGKILL)
+                    found = True
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not found:
+            return
 
 
 def main(argv):
@@ -39,17 +59,12 @@ def main(argv):
         return 143
     child = os.fork()
     if child == 0:
-        os.setpgid(0, 0)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         try:
             os.execvp("ansible-playbook", ["ansible-playbook"] + argv[1:])
         finally:
             os._exit(127)
-    try:
-        os.setpgid(child, child)
-    except OSError:
-        pass  # the child did it first (or is already gone)
 
     def stop(signum, frame):
         raise SystemExit(128 + signum)
@@ -66,15 +81,12 @@ def main(argv):
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        try:
-            os.killpg(child, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        kill_group_but_me()
         try:
             os.waitpid(child, 0)
         except ChildProcessError:
             pass
-        end_masters()
+        end_masters(os.environ.get("ANSIBLE_SSH_CONTROL_PATH_DIR"))
     return status
 
 

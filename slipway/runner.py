@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from .errors import SlipwayError
 from .paths import INVENTORY, PLAYBOOKS, ROOT
 from .paths import import_module_utils
+from .playbook_guard import end_masters
 from .sandbox import Controller
 
 import_module_utils()
@@ -46,13 +46,6 @@ def env_for_ansible() -> dict:
     if "ANSIBLE_VAULT_PASSWORD_FILE" not in os.environ and ctl.vault_password_file.exists():
         env["ANSIBLE_VAULT_PASSWORD_FILE"] = str(ctl.vault_password_file)
     return env
-
-
-def close_ssh_masters(control_dir: Path) -> None:
-    """End the ControlPersist masters of one run (`ssh -O exit`), so no ssh process outlives it."""
-    for sock in control_dir.iterdir() if control_dir.exists() else []:
-        subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "slipway-master"],
-                       capture_output=True, timeout=10, check=False)
 
 
 GUARD = Path(__file__).resolve().parent / "playbook_guard.py"
@@ -134,7 +127,7 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
             "failures": [{**f, "msg": " ".join(f["msg"])} for f in failures],
         }
     finally:
-        close_ssh_masters(control_dir)
+        end_masters(str(control_dir))  # the guard ends them too, unless it was killed itself
         shutil.rmtree(control_dir, ignore_errors=True)
         shutil.rmtree(private, ignore_errors=True)
 
