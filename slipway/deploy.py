@@ -193,12 +193,6 @@ def check_report_path(report_path: str) -> None:
         raise SlipwayError(f"--report {report_path}: cannot write in {parent} ({exc.strerror or exc}); pick a writable path") from None
 
 
-def check_secrets(hosts: list[str]) -> None:
-    from .vault import check_hosts
-
-    check_hosts(hosts)
-
-
 def write_report(report_path: str, report: dict) -> None:
     """The JSON report, written whole (a temporary file renamed into place)."""
     from .files import write_private
@@ -243,11 +237,10 @@ def _stop_on_signals():
             signal.signal(sig, previous)
 
 
-def _interrupted(locks, tracker, run_id: str, release: str, how: str, out) -> dict:
+def _interrupted(locks, tracker, run_id: str, release: str, how: str) -> dict:
     """After a playbook that did not finish: stop the run's processes on every host (lock kept),
     then write each host's record from the run's journal. Returns {host: what was found}."""
     from . import journal
-
     from .remote import connect
 
     found = {}
@@ -270,12 +263,13 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
     from . import release as rel
     from .remote import LockHeld, lock_hosts
     from .runner import resolve_target, run_playbook
+    from .vault import check_hosts
 
     started = time.monotonic()
     hosts = resolve_target(host)
     if report_path:
         check_report_path(report_path)
-    check_secrets(hosts)
+    check_hosts(hosts)  # the vault decrypts, every secret is there: before anything is built or locked
     built = rel.build(release)
     runtime_id, runtime_archive, runtime_python = rel.runtime()
     run_id = new_run_id()
@@ -305,7 +299,7 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
             if not result["finished"] or lost:
                 print(f"  {how}: stopping the run's processes on {', '.join(sorted(lock.host for lock in cut))}",
                       file=out, flush=True)
-                interrupted = _interrupted(cut, tracker, run_id, built.id, how, out)
+                interrupted = _interrupted(cut, tracker, run_id, built.id, how)
     except LockHeld as exc:
         raise SlipwayError(str(exc), exit_code=4) from None
     known = _known_secrets(hosts)
@@ -369,7 +363,7 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
         if cut is not None:
             report["hosts"][name]["interrupted"] = {
                 "how": how, "processes_stopped": cut["stopped"], "record_written": cut.get("written"),
-                "current": record.get("current"), "error": cut.get("error")}
+                "current": record.get("current"), "record": cut.get("record"), "error": cut.get("error")}
     report["result"] = ("interrupted" if interrupted else
                         "ok" if ok and all(h["result"] == "ok" for h in report["hosts"].values()) else "failed")
     report["changed"] = sum(h["changed"] for h in report["hosts"].values())
@@ -404,6 +398,8 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
 
 def _failure_lines(name: str, info: dict, target: str) -> list[str]:
     """What went wrong on one host, what the run changed there, and what to do next."""
+    from .journal import describe
+
     f = info.get("failure")
     if not f:
         return []
@@ -413,16 +409,10 @@ def _failure_lines(name: str, info: dict, target: str) -> list[str]:
     if info["result"] == "interrupted":
         cut = info.get("interrupted") or {}
         lines.append(f"\n{name}: INTERRUPTED in {f['phase']}: {f['cause']}")
-        done = []
-        if backup.get("path"):
-            done.append(f"backup {backup.get('id')} taken")
-        if state.get("switched"):
-            done.append(f"current switched from {state.get('previous')} to {state.get('id')}")
-        applied = info.get("migrations_applied") or []
-        done.append("migrations committed: " + (", ".join(applied) if applied else "none"))
-        pm2 = info.get("pm2") or {}
-        done.append(f"PM2 {pm2.get('action')} on {pm2.get('release')}" if pm2.get("action") else "PM2 not reloaded")
-        lines.append(f"{name}: what the run did: " + "; ".join(done))
+        if cut.get("record"):
+            lines.append(f"{name}: what the run did: " + "; ".join(describe(cut["record"])))
+        else:
+            lines.append(f"{name}: what the run did could not be read from its journal ({cut.get('error')})")
         if not cut.get("processes_stopped"):
             lines.append(f"{name}: could not confirm that the run's processes on the host were stopped "
                          f"({cut.get('error') or 'the lock keeper did not answer'}); the next deploy's lock keeper stops them first")

@@ -95,6 +95,20 @@ def summarize(run_id: str, release: str | None, events: list[dict], current: str
     }
 
 
+def describe(record: dict) -> list[str]:
+    """What an interrupted run did, one phrase per kind of change, from its record."""
+    did = []
+    backup = record.get("backup") or {}
+    if backup.get("id"):
+        did.append(f"backup {backup['id']} taken")
+    if record.get("switched_from"):
+        did.append(f"current switched from {record['switched_from']} to {record.get('release')}")
+    did.append("migrations committed: " + (", ".join(record.get("migrations_applied") or []) or "none"))
+    pm2 = record.get("pm2") or {}
+    did.append(f"PM2 {pm2['action']} on {pm2.get('release')}" if pm2.get("action") else "PM2 not reloaded")
+    return did
+
+
 def append_record(conn, app_dir: str, record: dict) -> None:
     from .remote import run
 
@@ -108,10 +122,10 @@ def append_record(conn, app_dir: str, record: dict) -> None:
 
 def reconcile(conn, app_dir: str, run_id: str, release: str | None, how: str, phase: str | None = None) -> dict:
     """Write the record of run ``run_id`` when it has none (it was interrupted); returns
-    {"record": the record (new or existing), "written": bool, "events": the journal}."""
+    {"record": the record (new or existing), "written": bool}."""
     state = read_state(conn, app_dir, run_id)
     if state["recorded"]:
-        return {"record": state["recorded"][-1], "written": False, "events": state["events"]}
+        return {"record": state["recorded"][-1], "written": False}
     record = summarize(run_id, release, state["events"], state["current"], phase=phase, how=how)
     append_record(conn, app_dir, record)
-    return {"record": record, "written": True, "events": state["events"]}
+    return {"record": record, "written": True}

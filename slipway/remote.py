@@ -36,8 +36,8 @@ HEARTBEAT_SECONDS = 10
 KEEPER_SILENCE_SECONDS = 60
 RELEASE_TIMEOUT = 10
 STOP_SECONDS = 30  # how long the keeper waits for the run's processes on the host before SIGKILL
-LOCK_HELD_EXIT = 75
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a file name on the host  # flock -E: "another run holds the lock" (EX_TEMPFAIL)
+LOCK_HELD_EXIT = 75  # flock -E: "another run holds the lock" (EX_TEMPFAIL)
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a file name on the host
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
 
@@ -422,15 +422,9 @@ class DeployLock:
         if record and record.get("error"):
             return message + f"; its record could not be written: {record['error']}"
         if record:
-            did = []
-            if record.get("backup"):
-                did.append(f"backup {record['backup'].get('id')} taken")
-            if record.get("switched_from"):
-                did.append(f"current switched from {record['switched_from']} to {record.get('release')}")
-            did.append("migrations committed: " + (", ".join(record.get("migrations_applied") or []) or "none"))
-            if record.get("pm2"):
-                did.append(f"PM2 {record['pm2'].get('action')} on {record['pm2'].get('release')}")
-            message += "; recorded it as interrupted in deploys.jsonl (it had: " + "; ".join(did) + ")"
+            from .journal import describe
+
+            message += "; recorded it as interrupted in deploys.jsonl (it had: " + "; ".join(describe(record)) + ")"
         return message
 
     # -- acquire / release -------------------------------------------------------------------

@@ -15,14 +15,19 @@ from .errors import SlipwayError
 from .files import write_private
 
 
-def _lib(password_file: Path) -> VaultLib:
+def _secret(password_file: Path, unreadable_fix: str) -> VaultSecret:
+    """The vault password in ``password_file`` (a plain file), or a one-line SlipwayError."""
     try:
-        password = Path(password_file).read_text().strip().encode()
+        password = Path(password_file).read_bytes().strip()
     except OSError as exc:
-        raise SlipwayError(f"cannot read the vault password file {password_file} ({exc.strerror}); set ANSIBLE_VAULT_PASSWORD_FILE or re-run `invoke sandbox.up`")
+        raise SlipwayError(f"cannot read the vault password file {password_file} ({exc.strerror}); {unreadable_fix}") from None
     if not password:
         raise SlipwayError(f"the vault password file {password_file} is empty; put the vault password in it")
-    return VaultLib([("default", VaultSecret(password))])
+    return VaultSecret(password)
+
+
+def _lib(password_file: Path) -> VaultLib:
+    return VaultLib([("default", _secret(password_file, "set ANSIBLE_VAULT_PASSWORD_FILE or re-run `invoke sandbox.up`"))])
 
 
 def dump(values: dict, path: Path, password_file: Path) -> None:
@@ -81,14 +86,7 @@ def check_hosts(hosts: list[str], required: tuple[str, ...] = REQUIRED_SECRETS) 
                 raise SlipwayError(f"the vault password script {password_file} failed ({type(exc).__name__}); "
                                    "fix it or point ANSIBLE_VAULT_PASSWORD_FILE at a plain password file") from None
         else:
-            try:
-                password = path.read_bytes().strip()
-            except OSError as exc:
-                raise SlipwayError(f"cannot read the vault password file {password_file} ({exc.strerror}); "
-                                   "make it readable by this user") from None
-            if not password:
-                raise SlipwayError(f"the vault password file {password_file} is empty; put the vault password in it")
-            secret = VaultSecret(password)
+            secret = _secret(path, "make it readable by this user")
         loader.set_vault_secrets([("default", secret)])
     manager = InventoryManager(loader=loader, sources=inventories())
     variables = VariableManager(loader=loader, inventory=manager)

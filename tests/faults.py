@@ -10,6 +10,7 @@ keeper, sshd sessions, the modules' python, pg_dump, the pm2 CLI).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -102,23 +103,32 @@ def run_processes(invoke_pid: int, host_user: str) -> dict:
     return {"controller": controller, "host": host}
 
 
+@contextlib.contextmanager
+def sandbox_instance(instance: str):
+    """slipway.sandbox for instance ``instance`` (its in-process helpers read
+    SLIPWAY_SANDBOX_INSTANCE at call time); the variable is put back afterwards."""
+    old = os.environ.get("SLIPWAY_SANDBOX_INSTANCE")
+    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = instance
+    try:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from slipway import sandbox as sb
+
+        yield sb
+    finally:
+        if old is None:
+            os.environ.pop("SLIPWAY_SANDBOX_INSTANCE", None)
+        else:
+            os.environ["SLIPWAY_SANDBOX_INSTANCE"] = old
+
+
 class Host:
     """One sandbox host of an instance, as the fault runs see it."""
 
     def __init__(self, name: str = "sandbox", instance: str = "1"):
         self.env = {"SLIPWAY_SANDBOX_INSTANCE": instance}
-        old = os.environ.get("SLIPWAY_SANDBOX_INSTANCE")
-        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = instance
-        try:
-            sys.path.insert(0, str(ROOT))
-            from slipway import sandbox as sb
-
+        with sandbox_instance(instance) as sb:
             self.host = sb.find_host(name)
-        finally:
-            if old is None:
-                os.environ.pop("SLIPWAY_SANDBOX_INSTANCE", None)
-            else:
-                os.environ["SLIPWAY_SANDBOX_INSTANCE"] = old
         self.name = name
         values = host_env(name, env=self.env)
         self.dsn = values["DATABASE_URL"]
@@ -129,8 +139,7 @@ class Host:
         proc = invoke("sandbox.up", "--state", "incident", env=self.env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         if rows:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from bigtable import grow_statistics
+            from bigtable import grow_statistics  # tests/ is on sys.path in pytest and bench/
 
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 (have,) = conn.execute("SELECT count(*) FROM book_view_statistics").fetchone()

@@ -160,15 +160,10 @@ def test_bad_inputs_are_refused_before_anything_changes(host, tmp_path):
     host.reset(0)
     records = len(host.records())
     state = host.state()
-    from conftest import sb
-
-    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = INSTANCE
-    try:
+    with F.sandbox_instance(INSTANCE) as sb:
         ctl = sb.Controller()
         vault = ctl.vault_file("sandbox")
         password_file = ctl.vault_password_file
-    finally:
-        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = "1"
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not the vault password\n")
     cases = [

@@ -87,7 +87,6 @@ class Guard:
         self._stop = threading.Event()
         self._watch = None
         self._pidfile = None
-        self._previous_handler = None
 
     # -- paths ----------------------------------------------------------------------------
     def _path(self, *parts):
@@ -133,7 +132,7 @@ class Guard:
         if reason:
             self.finish()
             raise LockLost(reason)
-        self._previous_handler = signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGTERM, self._on_term)
         self._watch = threading.Thread(target=self._watchdog, name="slipway-run-guard", daemon=True)
         self._watch.start()
         return self

@@ -156,7 +156,6 @@ safety_backup:
   type: str
 """
 
-import contextlib
 import datetime
 import os
 import subprocess
@@ -295,29 +294,22 @@ def create(module, pg, reason, protect=()):
             toc = pg.toc_entries(partial)
             digest = bk.sha256_file(partial)
             os.chmod(partial, 0o600)
+            # a deploy run's backup is kept (renamed, listed, journaled) only while the run holds its lock
+            with GUARD.hold():
+                os.rename(partial, final)
+                bk.fsync_dir(backup_dir)
+                entry = dict(id=backup_id, file=name, host=p["host_label"], db=p["login_db"],
+                             release=p["release"], reason=reason, created=bk.iso(now), size=os.path.getsize(final),
+                             sha256=digest, toc_entries=toc)
+                kept, pruned = bk.retention(entries + [entry], p["keep"], protect=set(protect) | {backup_id})
+                bk.write_manifest(backup_dir, kept)
+                GUARD.record("backup", id=backup_id, path=final, size=entry["size"], sha256=digest,
+                             toc_entries=toc, created=entry["created"], reason=reason)
+                KEPT.append(final)
         except BaseException:
             if os.path.lexists(partial):
                 os.unlink(partial)
             raise
-        # a deploy run's backup is kept (renamed, listed, journaled) only while the run holds its lock
-        try:
-            hold = GUARD.hold()
-            hold.__enter__()
-        except BaseException:
-            os.unlink(partial)
-            raise
-        with contextlib.ExitStack() as stack:
-            stack.push(hold.__exit__)
-            os.rename(partial, final)
-            bk.fsync_dir(backup_dir)
-            entry = dict(id=backup_id, file=name, host=p["host_label"], db=p["login_db"],
-                         release=p["release"], reason=reason, created=bk.iso(now), size=os.path.getsize(final),
-                         sha256=digest, toc_entries=toc)
-            kept, pruned = bk.retention(entries + [entry], p["keep"], protect=set(protect) | {backup_id})
-            bk.write_manifest(backup_dir, kept)
-            GUARD.record("backup", id=backup_id, path=final, size=entry["size"], sha256=digest,
-                         toc_entries=toc, created=entry["created"], reason=reason)
-            KEPT.append(final)
         for old in pruned:  # after the manifest no longer names them; a failed unlink leaves a file, never a lie
             try:
                 path = bk.entry_path(backup_dir, old)
