@@ -1,7 +1,10 @@
 """The pm2_app role/module against a real sandbox host (instance 4: its own user, sshd, PostgreSQL,
 PM2), run through slipway.runner.run_playbook as the host's user over SSH: no-op, a legacy start
 moved to the `current` link, check mode, a zero-downtime reload under steady load, a release that
-exits at start (fails within health_timeout) and the rollback the deploy's rescue does."""
+exits at start (fails within health_timeout) and the rollback the deploy's rescue does; rollbacks
+after a release left `errored` (SyntaxError, many restarts) and after one that crashed with
+EADDRINUSE restore every instance on the previous release, and the failure quotes the app's own
+error line; PM2_HOME and its dump files (every process's environment) are private."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +12,10 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import shutil
+import socket
+import stat
 import threading
 import time
 import urllib.parse
@@ -19,6 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import ROOT, Outputs, cli, host_env, sb
+
+from ansible_collections.slipway.core.plugins.module_utils.pm2 import (  # isort: skip (path set by conftest's sb)
+    app_error_line,
+    app_processes,
+    instance_facts,
+    summarize_jlist,
+)
 
 INSTANCE = "4"
 I4 = {"SLIPWAY_SANDBOX_INSTANCE": INSTANCE}
@@ -201,8 +214,12 @@ def test_legacy_start_is_moved_to_the_current_link_then_noop(h4):
     state = pm2_state(h4)
     assert state["cwd"] == [str(host.app_dir / "current")] and state["online"] == state["instances"] == 2
     assert not set(res["pids_after"]) & set(legacy["pids"]) and res["health"]["release"] == h4["rid"]
-    assert out["data"]["slipway_pm2"] == {"action": "restarted", "release": h4["rid"], "instances": 2,
-                                          "pids_after": res["pids_after"]}
+    fact = out["data"]["slipway_pm2"]
+    assert {k: fact[k] for k in ("action", "release", "instances", "pids_after")} == {
+        "action": "restarted", "release": h4["rid"], "instances": 2, "pids_after": res["pids_after"]}
+    assert fact["healthy"] is True and fact["online"] == fact["total"] == 2 and fact["error"] is None
+    assert [(p["status"], p["release"]) for p in fact["processes"]] == [("online", h4["rid"])] * 2
+    assert res["healthy"] is True and res["app_error"] is None and res["recovered"] == []
     report(f"legacy restart: {res['seconds']}s in the module, {out['wall']:.1f}s wall")
 
     before = pm2_state(h4)
@@ -275,6 +292,165 @@ def test_release_that_exits_at_start_fails_then_rollback_serves(h4):
            f"rollback reload {res['seconds']}s, {rolled_back_at - failed_at:.1f}s wall; "
            f"{load.total} requests, {load.bad} not 200 {dict(load.counts)}; releases {dict(load.releases)}")
     report(f"failure message: {msg}")
+
+
+def current_rid(h4) -> str:
+    return os.path.basename(os.path.realpath(h4["host"].app_dir / "current"))
+
+
+def instances(h4) -> list[dict]:
+    """Per instance {pm_id, pid, status, restarts, release} from `pm2 jlist`, read as the host user."""
+    with instance4():
+        out = sb.pm2(h4["host"], h4["user"], "jlist").stdout
+    return instance_facts(app_processes(summarize_jlist(out), sb.APP_NAME))
+
+
+FRAMES = re.compile(r"\bat \S+ \(|\bat (?:node:|/)|node_modules/pm2|ProcessContainer|node:internal")
+
+
+def assert_failed_with_own_line(out, bad: str, own: str) -> dict:
+    """The crash release's run failed, says so with the host's state, and quotes the app's own line."""
+    res = out["res"]
+    assert out["rc"] != 0 and res.get("msg"), res
+    msg = res["msg"]
+    assert "\n" not in msg and res["action"] == "reloaded" and res["release"] == bad, msg
+    assert own in msg and own in (res["app_error"] or ""), msg
+    assert not FRAMES.search(msg), msg  # node's and PM2's stack frames are not the cause
+    assert res["healthy"] is False and res["total"] == 2 and res["online"] < 2, res
+    assert f"now instances {res['online']}/2 online" in msg, msg
+    assert any(p["status"] != "online" and p["release"] == bad for p in res["processes"]), res["processes"]
+    fact = out["data"]["slipway_pm2"]  # set by the role also when the module failed
+    assert fact["healthy"] is False and fact["release"] == bad and fact["error"] == msg, fact
+    assert fact["processes"] == res["processes"] and fact["app_error"] == res["app_error"]
+    return res
+
+
+def assert_rolled_back_healthy(h4, back, prev: str) -> None:
+    """Every instance online on ``prev``, answering with it, and staying so (restarts not climbing)."""
+    res = back["res"]
+    assert back["rc"] == 0, back["failures"]
+    assert res["healthy"] is True and res["release"] == prev and res["online"] == res["total"] == 2, res
+    assert all(p["status"] == "online" and p["release"] == prev for p in res["processes"]), res["processes"]
+    fact = back["data"]["slipway_pm2"]
+    assert fact["healthy"] is True and fact["online"] == fact["total"] == 2 and fact["release"] == prev
+    seen = health_by_pid(h4)
+    assert set(seen) == set(res["pids_after"]) and set(seen.values()) == {prev}
+    first = instances(h4)
+    time.sleep(4)
+    assert instances(h4) == first, "restarts or pids changed after the rollback"
+    assert [(p["status"], p["release"]) for p in first] == [("online", prev)] * 2, first
+
+
+def test_app_error_line_is_the_apps_own_line():
+    syntax = ["/srv/app/releases/r2/server.js:2", "const = 1;", "      ^", "",
+              "SyntaxError: Unexpected token '='",
+              "    at wrapSafe (node:internal/modules/cjs/loader:1464:18)",
+              "    at /usr/lib/node_modules/pm2/lib/ProcessContainer.js:285:27",
+              "    at WriteStream.<anonymous> (/usr/lib/node_modules/pm2/lib/Utility.js:185:13)",
+              "2026-01-01T00:00:01: reader-app stopped"]
+    assert app_error_line(syntax, skip=["reader-app stopped"]) == "SyntaxError: Unexpected token '='"
+    uncaught = ["node:events:497", "      throw er; // Unhandled 'error' event", "      ^", "",
+                "Error: listen EADDRINUSE: address already in use :::3000",
+                "    at Server.setupListenHandle [as _listen2] (node:net:1908:16)",
+                "Emitted 'error' event on Server instance at:", "    at emitErrorNT (node:net:1887:8)",
+                "{", "  code: 'EADDRINUSE',", "  port: 3000", "}", "", "Node.js v20.19.2"]
+    assert app_error_line(uncaught) == "Error: listen EADDRINUSE: address already in use :::3000"
+    said = ["2026-01-01T00:00:01: reader-app: config check failed, exiting"] * 3
+    assert app_error_line(said) == "reader-app: config check failed, exiting"
+    assert app_error_line(["    at x (/usr/lib/node_modules/pm2/lib/God.js:1:1)", ""]) is None
+
+
+def test_rollback_after_a_release_left_errored_restores_every_instance(h4):
+    prev = current_rid(h4)
+    assert set(health_by_pid(h4).values()) == {prev}
+    bad = new_rid("syntax")
+    make_release(h4, prev, bad, lambda text: text.replace("'use strict';", "'use strict';\nconst = 1;", 1))
+    switch(h4, bad)
+    out = run_role(t_health_timeout=12)
+    failed_at = time.monotonic()
+    res = assert_failed_with_own_line(out, bad, "SyntaxError: Unexpected token")
+    report(f"errored release: failed after {res['seconds']}s: {res['msg']}")
+
+    # the crashed release has run long enough for PM2 to give up on it (errored, 16 restarts) and to
+    # stop the worker its reload had parked (listen_timeout 10 s): the state the issue found
+    time.sleep(max(0.0, failed_at + 11 - time.monotonic()))
+    state = instances(h4)
+    errored = [p for p in state if p["status"] == "errored"]
+    assert errored and all(p["release"] == bad and p["restarts"] >= 15 for p in errored), state
+    assert sum(p["status"] == "online" for p in state) == 2 - len(errored), state
+
+    switch(h4, prev)  # the deploy's rescue: current back, then the role again
+    back = run_role()
+    assert_rolled_back_healthy(h4, back, prev)
+    report(f"rollback from errored ({state}): {back['res']['seconds']}s, recovered {back['res']['recovered']}")
+
+
+def test_rollback_right_after_an_eaddrinuse_crash_restores_every_instance(h4):
+    prev = current_rid(h4)
+    address = urllib.parse.urlparse(h4["url"]).hostname
+    with socket.socket() as taken:  # a port someone else holds
+        taken.bind((address, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        bad = new_rid("eaddrinuse")
+        make_release(h4, prev, bad, lambda text: text.replace(
+            "'use strict';", f"'use strict';\nrequire('net').createServer().listen({port}, '{address}');", 1))
+        switch(h4, bad)
+        out = run_role(t_health_timeout=12)
+        res = assert_failed_with_own_line(out, bad, "EADDRINUSE")
+        report(f"EADDRINUSE release: failed after {res['seconds']}s: {res['msg']}")
+
+        switch(h4, prev)  # at once: PM2 may still hold the reload's parked worker
+        back = run_role()
+    assert_rolled_back_healthy(h4, back, prev)
+    report(f"rollback right after EADDRINUSE: {back['res']['seconds']}s, recovered {back['res']['recovered']}")
+
+
+def test_pm2_home_and_dump_files_are_private(h4):
+    home = h4["host"].pm2_home
+
+    def mode(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    dumps = [home / "dump.pm2", home / "dump.pm2.bak"]
+    assert all(p.exists() for p in dumps), "pm2 save ran after the reloads above"
+    assert mode(home) == 0o700 and [mode(p) for p in dumps] == [0o600, 0o600]
+    holding = {}
+    for top, _, files in os.walk(home):  # whatever holds a secret there is the user's alone
+        for name in files:
+            path = os.path.join(top, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                with open(path, "rb") as handle:
+                    data = handle.read()
+                if any(secret.encode() in data for secret in h4["secrets"]):
+                    holding[os.path.relpath(path, home)] = f"{mode(path):04o}"
+    report(f"files in PM2_HOME (0700) holding a secret: {holding}")
+    assert all(int(m, 8) & 0o077 == 0 for m in holding.values()), holding
+
+    # loosened by hand (or by an older slipway): check mode predicts, a run tightens, then no change
+    os.chmod(home, 0o755)
+    for p in dumps:
+        os.chmod(p, 0o644)
+    out = run_role(t_check_mode=True)
+    assert out["rc"] == 0 and out["res"]["changed"] is True and len(out["res"]["modes_fixed"]) == 3, out["res"]
+    assert mode(home) == 0o755 and mode(dumps[0]) == 0o644
+    out = run_role()
+    res = out["res"]
+    assert out["rc"] == 0 and res["action"] == "none" and res["changed"] is True, res
+    assert sorted(res["modes_fixed"]) == sorted(f"{p} ({m:04o} -> {w:04o})" for p, m, w in (
+        (home, 0o755, 0o700), (dumps[0], 0o644, 0o600), (dumps[1], 0o644, 0o600)))
+    assert mode(home) == 0o700 and [mode(p) for p in dumps] == [0o600, 0o600]
+    out = run_role()
+    assert out["rc"] == 0 and out["res"]["changed"] is False and out["res"]["modes_fixed"] == [], out["res"]
+
+    # a reload (pm2 save rewrites both files) keeps them private
+    rid = new_rid("private")
+    make_release(h4, current_rid(h4), rid, lambda text: text + f"\n// slipway test release {rid}\n")
+    switch(h4, rid)
+    out = run_role()
+    assert out["rc"] == 0 and out["res"]["action"] == "reloaded", out["failures"]
+    assert mode(home) == 0o700 and [mode(p) for p in dumps] == [0o600, 0o600]
+    assert rid.encode() in dumps[0].read_bytes()  # the dump is the new one
 
 
 def test_no_secret_in_any_output(h4):

@@ -7,6 +7,13 @@
 leaves this module except whitelisted fields: a summary never carries an environment.
 Any ``pm2`` command starts a daemon for its PM2_HOME, so callers check ``daemon_pid`` first
 when they must not start one.
+
+``pm2 save`` writes that same environment to ``dump.pm2`` (and the previous one to
+``dump.pm2.bak``) with the caller's umask, in a PM2_HOME PM2 creates 0755: ``secure_pm2_home``
+makes the directory private and those files 0600.
+
+``app_error_line`` picks the app's own error line out of what a crashing worker wrote (node's
+stack frames and PM2's own frames around it are skipped).
 """
 from __future__ import absolute_import, division, print_function
 
@@ -14,6 +21,8 @@ __metaclass__ = type
 
 import json
 import os
+import re
+import stat
 
 # Fields copied from pm2_env (everything else, including env and the app's variables, is dropped).
 _ENV_FIELDS = (
@@ -28,7 +37,13 @@ _ENV_FIELDS = (
     "instances",
     "node_version",
     "version",
+    "pm_err_log_path",
+    "pm_out_log_path",
+    "pm_log_path",
 )
+
+# Files PM2 writes with every process's environment (DATABASE_URL, tokens) in them.
+DUMP_FILES = ("dump.pm2", "dump.pm2.bak")
 
 
 def daemon_pid(pm2_home):
@@ -106,3 +121,66 @@ def reload_lock_path(pm2_home):
     """The file the pm2 CLI uses as its reload lock (a timestamp while a reload runs, else empty).
     A CLI killed mid-reload leaves it set, and every reload for the next 30 s is refused."""
     return os.path.join(pm2_home, "reload.lock")
+
+
+def instance_facts(procs):
+    """Per instance, sorted by pm_id: pm_id, pid, status, restarts (PM2's restart count) and
+    release (the RELEASE_ID the instance was started with); nothing else."""
+    facts = [{"pm_id": p.get("pm_id"), "pid": p.get("pid") or 0, "status": p.get("status"),
+              "restarts": int(p.get("restart_time") or 0), "release": p.get("release")} for p in procs]
+    return sorted(facts, key=lambda f: f["pm_id"])
+
+
+def secure_pm2_home(pm2_home, check_mode=False):
+    """Make ``pm2_home`` 0700 and the dump files in it 0600 (in check mode only report it).
+
+    Returns the paths whose mode was (or would be) changed, each as ``path (0755 -> 0700)``.
+    Raises OSError when a mode cannot be changed (e.g. not the owner)."""
+    changed = []
+    targets = [(pm2_home, 0o700)] + [(os.path.join(pm2_home, name), 0o600) for name in DUMP_FILES]
+    for path, want in targets:
+        try:
+            have = stat.S_IMODE(os.stat(path).st_mode)  # a link: what it points at (chmod follows too)
+        except FileNotFoundError:
+            continue
+        if have & ~want:
+            if not check_mode:
+                os.chmod(path, have & want)
+            changed.append("%s (%04o -> %04o)" % (path, have, have & want))
+    return changed
+
+
+_TIME_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?:\s?")
+_FRAME = re.compile(r"^\s*(?:at\s|\.\.\.\s*\d+\s+more\b)")
+# Not the app's words: PM2's own code, node's location headers and carets, the bits of an
+# uncaught 'error' event report, and the fields node prints of an error object.
+_NOISE = re.compile(
+    r"(?:/node_modules/pm2/|ProcessContainer"
+    r"|^\s*\^+\s*$"
+    r"|^(?:node:)?[\w./@-]+\.?[cm]?js:\d+$|^node:[\w/]+:\d+$"
+    r"|^\s*throw\s+\w+;\s*//"
+    r"|^Emitted 'error' event"
+    r"|^Node\.js v\d"
+    r"|^\s*[\[\]{}]\s*,?\s*$|^\s+[\w$]+:\s.*,?$"
+    r"|^PM2\b)")
+_ERROR_HEAD = re.compile(r"^(?:Uncaught\s+)?(?:[A-Za-z_$][\w$.]*)?(?:Error|Exception)\b(?:\s*\[[\w-]+\])?:")
+
+
+def app_error_line(lines, skip=()):
+    """The app's own error line among ``lines`` (a crashing worker's output, oldest first), or None.
+
+    Stack frames (``at ...``), PM2's own lines and node's decorations are skipped, and so is any
+    line in ``skip`` (e.g. what the app wrote on stdout). Of what is left, the last line that
+    starts like an error (``SyntaxError: ...``, ``Error: listen EADDRINUSE ...``) is the answer;
+    when there is none, the last line the app wrote (e.g. its own ``console.error`` line)."""
+    skip = set(line.strip() for line in skip)
+    last = head = None
+    for raw in lines:
+        line = _TIME_PREFIX.sub("", raw.rstrip())
+        text = line.strip()
+        if not text or text in skip or _FRAME.match(line) or _NOISE.search(line):
+            continue
+        last = text
+        if _ERROR_HEAD.match(text):
+            head = text
+    return head or last

@@ -27,8 +27,26 @@ description:
     I(stable_seconds), and I(health_url) answers I(health_successes) consecutive 200 responses whose
     C(release) is the expected release). When nothing is done, a quicker gate (all online, one 200 of
     the expected release). A worker that crash-loops while the pm2 command runs ends the command early
-    (the other workers of a reload keep serving the previous release).
-  - Never returns environment values; the err.log lines and health bodies it quotes are redacted.
+    (the other workers of a reload keep serving the previous release). An instance that was already
+    C(errored) before the command (e.g. left by a failed release, before a rollback) does not end it;
+    only an instance that errors or crash-loops during the command does.
+  - Recovery, for a rollback after a release that crashed at start. When the action or the gate
+    failed and instances are down (not C(online)) while still carrying another release than
+    I(release), those instances are restarted once on I(release) (C(pm2 restart <pm_id>...
+    --update-env); nothing serves on them, so no zero-downtime is lost) and the gate runs again
+    within the same I(health_timeout). Online instances are only ever reloaded. An instance that is
+    down on I(release) itself is that release failing and is left as it is.
+  - On failure the message names the instances online/total, each instance's status and release,
+    and quotes the app's own error line (the C(SyntaxError) or C(Error) line of an uncaught error,
+    e.g. EADDRINUSE, or its last C(console.error) line) from what its log files got since the
+    action started; node's and PM2's stack frames are left out. The failed result carries the same
+    facts as a successful one (I(healthy), I(online), I(total), I(processes), I(app_error)).
+  - Secrets at rest, on every run that is not check mode. C(pm2 save) writes every process's
+    environment (DATABASE_URL, tokens) to C(dump.pm2) and C(dump.pm2.bak), in a PM2_HOME that PM2
+    creates 0755. The module makes PM2_HOME 0700 (creating it so before PM2 first starts) and
+    those files 0600, runs C(pm2 save) with umask 077, and reports what it tightened in
+    I(modes_fixed) (a change; check mode predicts it).
+  - Never returns environment values; the log lines and health bodies it quotes are redacted.
 options:
   app_dir:
     description: The app directory; the ecosystem is C(<app_dir>/current/<ecosystem>).
@@ -146,6 +164,47 @@ seconds:
   description: Seconds from the action's start until the gate passed or failed.
   returned: always
   type: float
+healthy:
+  description: True when the run ended with every instance online on I(release) and the health gate
+    passed (check mode - every instance online on I(release) and one 200 of it now). False on any
+    failure, with the host's actual state in I(online), I(total) and I(processes).
+  returned: always
+  type: bool
+online:
+  description: Instances of the app C(online) at the end of the run (as read from C(pm2 jlist)).
+  returned: always
+  type: int
+total:
+  description: Instances of the app PM2 runs at the end of the run (same as I(instances)).
+  returned: always
+  type: int
+processes:
+  description: One dict per instance at the end of the run, sorted by C(pm_id) - C(pm_id), C(pid)
+    (0 when not running), C(status) (online, errored, stopped, launching...), C(restarts) (PM2's
+    restart count) and C(release) (the RELEASE_ID the instance was started with).
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"pm_id": 0, "pid": 4242, "status": "online", "restarts": 16, "release": "r1"}]
+app_error:
+  description: On failure, the app's own error line from its log files (written since the action
+    started; redacted, stack frames left out), e.g. the C(SyntaxError) or C(Error) line node printed
+    for an uncaught error, else the app's last C(console.error) line; null when the run succeeded or
+    the app wrote none.
+  returned: always
+  type: str
+recovered:
+  description: C(pm_id)s of the instances restarted by the recovery (down on another release than
+    I(release) after the action or gate failed); empty when none was needed.
+  returned: always
+  type: list
+  elements: int
+modes_fixed:
+  description: PM2_HOME and dump files whose mode was tightened (in check mode - would be), each as
+    C(path (0755 -> 0700)).
+  returned: always
+  type: list
+  elements: str
 """
 
 import json
@@ -159,10 +218,13 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.six.moves.urllib.error import HTTPError
 from ansible.module_utils.six.moves.urllib.request import ProxyHandler, Request, build_opener
 from ansible_collections.slipway.core.plugins.module_utils.pm2 import (
+    app_error_line,
     app_processes,
     app_summary,
     daemon_pid,
+    instance_facts,
     reload_lock_path,
+    secure_pm2_home,
     summarize_jlist,
 )
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
@@ -179,9 +241,18 @@ class WrongRelease(GateFailed):
     """A stable, online instance answers with another release than expected."""
 
 
+class InstanceErrored(GateFailed):
+    """An instance is ``errored``: PM2 gave up restarting it, so waiting longer cannot help."""
+
+
 def _one_line(text, limit=300):
     text = " ".join(_ANSI.sub("", str(text or "")).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _private_umask():
+    """preexec_fn for pm2 save: the dump files it creates are 0600 from the start."""
+    os.umask(0o077)
 
 
 def _last_line(text):
@@ -245,7 +316,9 @@ class Pm2App(object):
 
     def run_pm2(self, args, release, deadline, baseline):
         """Run one pm2 command (a reload is retried while PM2 reports one in progress), watching the
-        app: a crash loop or the deadline ends the command (and clears the reload lock it held)."""
+        app: a crash loop or the deadline ends the command (and clears the reload lock it held).
+        ``baseline``: the app's processes before the command (what is already broken there is not
+        the command's doing)."""
         while True:
             started = time.time()
             proc = subprocess.Popen([self.bin()] + args, cwd=self.app_dir, env=self.env(release),
@@ -267,6 +340,11 @@ class Pm2App(object):
             raise GateFailed("pm2 %s failed (rc=%d): %s" % (args[0], proc.returncode, redact_text(_last_line(out))))
 
     def _watch(self, proc, deadline, baseline):
+        """None when ``proc`` ended by itself, else why it was stopped: the deadline, an instance
+        that became errored during the command (one already errored before it, unchanged, does not
+        count: a reload is what restarts it), or restarts climbing (a crash loop)."""
+        before = dict((p["pm_id"], (p.get("status"), int(p.get("restart_time") or 0))) for p in baseline)
+        restarts_before = sum(r for _, r in before.values())
         next_look = time.time() + 1
         while proc.poll() is None:
             now = time.time()
@@ -279,10 +357,12 @@ class Pm2App(object):
                 except (GateFailed, subprocess.TimeoutExpired):
                     procs = []
                 summary = app_summary(procs, self.app_name)
-                if "errored" in summary["statuses"]:
-                    return "stopped early: an instance is errored (it exits at start); %s" % self._describe(summary)
-                if summary["restarts"] > baseline + max(summary["instances"], 1) + 2:
-                    return "stopped early: instances crash-loop; %s" % self._describe(summary)
+                newly = [p for p in procs if p.get("status") == "errored" and
+                         before.get(p["pm_id"]) != ("errored", int(p.get("restart_time") or 0))]
+                if newly:
+                    return "stopped early: an instance is errored (it exits at start); %s" % self._describe(procs)
+                if summary["restarts"] > restarts_before + max(summary["instances"], 1) + 2:
+                    return "stopped early: instances crash-loop; %s" % self._describe(procs)
             time.sleep(0.2)
         return None
 
@@ -337,17 +417,23 @@ class Pm2App(object):
         self.last_pid = body.get("pid") if isinstance(body, dict) else None
         return status, release, redact_text(_one_line("HTTP %s %s" % (status, text), 200))
 
-    def _describe(self, summary):
-        return "instances %d/%d online (%s), restarts %d" % (
-            summary["online"], summary["instances"], ",".join(summary["statuses"]) or "none", summary["restarts"])
+    @staticmethod
+    def _describe(procs):
+        """``instances 1/2 online (0 errored r2 16 restarts, 1 online r1 0 restarts)``."""
+        facts = instance_facts(procs)
+        return "instances %d/%d online (%s)" % (
+            sum(1 for f in facts if f["status"] == "online"), len(facts),
+            ", ".join("%s %s %s %d restarts" % (f["pm_id"], f["status"], f["release"] or "release?", f["restarts"])
+                      for f in facts) or "none")
 
     def gate(self, release, deadline, needed, stable_seconds):
         """Wait until the app is healthy: every instance online with unchanged restart counts for
         ``stable_seconds``, ``needed`` consecutive 200s reporting ``release``, and every PM2 pid
         seen answering with it (the kernel spreads connections unevenly, so consecutive successes
-        alone could all come from one worker). Returns (summary, health); raises WrongRelease when
-        a stable, online instance keeps answering with another release, GateFailed on timeout."""
-        stable_since, signature, summary = None, None, app_summary([], self.app_name)
+        alone could all come from one worker). Returns (processes, health); raises WrongRelease when
+        a stable, online instance keeps answering with another release, InstanceErrored as soon as
+        an instance is errored, GateFailed on timeout."""
+        stable_since, signature, procs, summary = None, None, [], app_summary([], self.app_name)
         successes, status, seen_release, detail = 0, None, None, "no probe yet"
         good, wrong = set(), {}
         next_look = 0.0
@@ -355,7 +441,11 @@ class Pm2App(object):
             now = time.time()
             if now >= next_look:
                 next_look = now + 0.5
-                summary = app_summary(self.jlist(), self.app_name)
+                procs = self.jlist()
+                summary = app_summary(procs, self.app_name)
+                if "errored" in summary["statuses"]:
+                    raise InstanceErrored("health gate: an instance is errored (PM2 stopped restarting it); %s" % (
+                        self._describe(procs)))
                 healthy = summary["instances"] > 0 and summary["online"] == summary["instances"]
                 sig = (tuple(summary["pids"]), summary["restarts"])
                 if not healthy:
@@ -378,7 +468,7 @@ class Pm2App(object):
             stable = stable_since is not None and now - stable_since >= stable_seconds
             pids = set(summary["pids"])
             if stable and successes >= need and (pids <= good or None in good):  # None: the app does not report its pid
-                return summary, dict(status=status, release=seen_release, successes=successes)
+                return procs, dict(status=status, release=seen_release, successes=successes)
             stale = {p: r for p, r in wrong.items() if p in pids}
             if stable and stale:
                 raise WrongRelease("instance pid %s still answers with release %s, not %s" % (
@@ -386,39 +476,71 @@ class Pm2App(object):
             if now >= deadline:
                 missing = sorted(pids - good)
                 raise GateFailed("health gate: %s; health %s (%d/%d consecutive 200s of release %s%s)" % (
-                    self._describe(summary), detail, successes, need, release,
+                    self._describe(procs), detail, successes, need, release,
                     "; never heard from pid %s" % ", ".join(map(str, missing)) if missing else ""))
             time.sleep(0.1)
 
-    def err_tail(self, since, lines=5):
-        """The last lines of the app's err.log, redacted, as one line. A worker that exits at once can
-        leave its last words only in combined.log (PM2 writes that stream first): when err.log got
-        nothing since ``since``, combined.log is quoted instead, and named."""
-        logs = os.path.join(self.app_dir, "logs")
-        if not os.path.isdir(logs):
-            logs = os.path.join(self.current, "logs")
-        chosen = None
-        for name in ("err.log", "combined.log"):
-            path = os.path.join(logs, name)
+    # ---------------------------------------------------------------- the app's own words
+    def log_files(self, procs):
+        """(stream, path) of the app's log files: PM2's record of them (pm_err_log_path, pm_log_path,
+        pm_out_log_path), or, when PM2 runs no process of the app, <app_dir>/logs/{err,combined,out}.log."""
+        files = []
+        for stream, field, name in (("err", "pm_err_log_path", "err.log"), ("combined", "pm_log_path", "combined.log"),
+                                    ("out", "pm_out_log_path", "out.log")):
+            paths = sorted(set(p.get(field) for p in procs if p.get(field)))
+            if not procs:
+                logs = os.path.join(self.app_dir, "logs")
+                paths = [os.path.join(logs if os.path.isdir(logs) else os.path.join(self.current, "logs"), name)]
+            files += [(stream, path) for path in paths]
+        return files
+
+    def mark_logs(self, procs):
+        """Remember how long each log file is now: only what the app writes from here on is quoted."""
+        self.marked_at, self.marked_procs, self.log_marks = time.time(), procs, {}
+        for _, path in self.log_files(procs):
             try:
-                fresh = os.path.getsize(path) > 0 and os.path.getmtime(path) >= since - 1
+                self.log_marks[path] = os.path.getsize(path) if os.path.isfile(path) else None
             except OSError:
-                continue
-            if chosen is None or fresh:
-                chosen = (name, path)
-            if fresh:
-                break
-        if chosen is None:
-            return "err.log: not readable"
+                self.log_marks[path] = 0  # not there yet: all of it will be new
+
+    def _new_lines(self, path, limit=65536):
+        """Lines ``path`` got since mark_logs (at most its last ``limit`` bytes), or None when it is
+        not a readable file. A file PM2 did not name at the start counts when written since then."""
         try:
-            with open(chosen[1], "rb") as handle:
-                handle.seek(0, os.SEEK_END)
-                handle.seek(max(0, handle.tell() - 16384))
-                text = handle.read().decode("utf-8", "replace")
+            if not os.path.isfile(path):
+                return None
+            size = os.path.getsize(path)
+            mark = self.log_marks.get(path)
+            if mark is None:
+                mark = 0 if os.path.getmtime(path) >= self.marked_at - 1 else size
+            if size < mark:  # truncated or rotated since
+                mark = 0
+            start = max(mark, size - limit)
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                text = handle.read(size - start).decode("utf-8", "replace")
         except OSError:
-            return "%s: not readable" % chosen[0]
-        tail = [_one_line(line, 200) for line in text.splitlines() if line.strip()][-lines:]
-        return "%s: %s" % (chosen[0], redact_text(" | ".join(tail)) if tail else "empty")
+            return None
+        lines = _ANSI.sub("", text).splitlines()
+        return lines[1:] if start > mark else lines  # the first line was cut
+
+    def app_error(self, procs):
+        """(log file name, the app's own error line or None) from what the logs got since mark_logs:
+        the stderr file first, then the combined one (a worker that exits at once can leave its last
+        words only there; the lines it shares with the stdout file are not errors)."""
+        files = self.log_files(procs or self.marked_procs)
+        stdout = [line for stream, path in files if stream == "out" for line in (self._new_lines(path) or [])]
+        looked = []
+        for want in ("err", "combined"):
+            for stream, path in files:
+                lines = self._new_lines(path) if stream == want else None
+                if lines is None:
+                    continue
+                looked.append(os.path.basename(path))
+                line = app_error_line(lines, skip=stdout if want == "combined" else ())
+                if line:
+                    return os.path.basename(path), redact_text(_one_line(line, 240))
+        return "/".join(looked) or "logs", None
 
 
 def decide(procs, current, release, reload_mode):
@@ -466,8 +588,28 @@ def main():
     app = Pm2App(module)
     p = module.params
     result = dict(changed=False, action="none", reason="", release=None, instances=0, pids_before=[], pids_after=[],
-                  restarts=0, health=dict(status=None, release=None, successes=0), seconds=0.0)
+                  restarts=0, health=dict(status=None, release=None, successes=0), seconds=0.0,
+                  healthy=False, online=0, total=0, processes=[], app_error=None, recovered=[], modes_fixed=[])
 
+    def observe(procs):
+        """The app's state as PM2 shows it now, into the result."""
+        summary = app_summary(procs, app.app_name)
+        result.update(instances=summary["instances"], total=summary["instances"], online=summary["online"],
+                      pids_after=summary["pids"], restarts=summary["restarts"], processes=instance_facts(procs))
+        return summary
+
+    def secure():
+        """PM2_HOME 0700, its dump files 0600 (check mode: predicted); a tightened mode is a change."""
+        try:
+            fixed = secure_pm2_home(app.pm2_home, module.check_mode)
+        except OSError as exc:
+            module.warn("could not make %s private (0700, dump files 0600): %s; its dump files hold every process's "
+                        "environment, secrets included" % (app.pm2_home, exc))
+            return
+        result["modes_fixed"] += [item for item in fixed if item not in result["modes_fixed"]]
+        result["changed"] = result["changed"] or bool(fixed)
+
+    secure()
     if not os.path.islink(app.current) and not os.path.isdir(app.current):
         module.fail_json(msg="%s does not exist; install a release and point current at it first (app_release)" % app.current, **result)
     real = os.path.realpath(app.current)
@@ -477,13 +619,13 @@ def main():
     if release != current_release and module.check_mode:
         # a deploy in check mode: app_release would have switched current to `release` by now
         try:
-            before = app_summary(app.jlist(), app.app_name)
+            procs = app.jlist()
         except (GateFailed, subprocess.TimeoutExpired) as exc:
             module.fail_json(msg="reading PM2 state: %s" % exc, **result)
+        before = observe(procs)
         result.update(changed=True, action="reloaded" if before["instances"] else "started",
                       reason="current would switch from %s to %s" % (current_release, release),
-                      instances=before["instances"], pids_before=before["pids"], pids_after=before["pids"],
-                      restarts=before["restarts"])
+                      pids_before=before["pids"])
         module.exit_json(**result)
     if release != current_release:
         module.fail_json(msg="current points at %s, not at the expected release %s; switch current first (app_release) "
@@ -499,10 +641,10 @@ def main():
         procs = app.jlist()
     except (GateFailed, subprocess.TimeoutExpired) as exc:
         module.fail_json(msg="reading PM2 state: %s" % exc, **result)
-    before = app_summary(procs, app.app_name)
+    before = observe(procs)
     action, reason = decide(procs, app.current, release, p["reload"])
-    result.update(action=action, reason=reason, instances=before["instances"], pids_before=before["pids"],
-                  pids_after=before["pids"], restarts=before["restarts"], changed=action != "none")
+    result.update(action=action, reason=reason, pids_before=before["pids"],
+                  changed=action != "none" or bool(result["modes_fixed"]))
     result["diff"] = dict(before=dict(release=sorted(set(str(x.get("release")) for x in procs)), cwd=before["cwd"]),
                           after=dict(release=[release], cwd=[app.current]) if action != "none" else
                           dict(release=sorted(set(str(x.get("release")) for x in procs)), cwd=before["cwd"]))
@@ -510,52 +652,88 @@ def main():
     if module.check_mode:
         status, seen, _ = app.probe(2.0)
         result["health"] = dict(status=status, release=seen, successes=1 if status == 200 and seen == release else 0)
+        result["healthy"] = action == "none" and status == 200 and seen == release
         module.exit_json(**result)
 
     if action == "reloaded" and app.daemon_sched_policy() != "none":
         module.warn("the PM2 daemon uses Node's round-robin connection hand-off, with which a reload can lose a "
                     "connection now and then; start the daemon with NODE_CLUSTER_SCHED_POLICY=none (pm2_app does "
                     "when it starts the daemon; for a running one: pm2 kill, then run pm2_app, in a quiet moment)")
+    if not os.path.isdir(app.pm2_home):
+        os.makedirs(app.pm2_home, 0o700)  # before PM2 creates it 0755
+    app.mark_logs(procs)
     started = time.time()
     deadline = started + p["health_timeout"]
+
+    def full_gate():
+        """The gate after a change. An online instance that keeps answering with another release
+        (e.g. a worker PM2 auto-restarted during a failed reload kept that reload's environment)
+        gets one more reload (zero-downtime), then the gate must pass."""
+        try:
+            return app.gate(release, deadline, p["health_successes"], p["stable_seconds"])
+        except WrongRelease as exc:
+            module.warn("%s; reloading once more" % exc)
+            result["reason"] = (result["reason"] + "; " if result["reason"] else "") + "reloaded again: " + str(exc)
+            app.run_pm2(["reload", app.ecosystem, "--update-env"], release, deadline, app.jlist())
+            return app.gate(release, deadline, p["health_successes"], p["stable_seconds"])
     try:
-        if action == "started":
-            app.run_pm2(["start", app.ecosystem], release, deadline, 0)
-        elif action == "restarted":
-            app.run_pm2(["delete", app.app_name], release, deadline, before["restarts"])
-            app.run_pm2(["start", app.ecosystem], release, deadline, 0)
-        elif action == "reloaded":
-            app.run_pm2(["reload", app.ecosystem, "--update-env"], release, deadline, before["restarts"])
-        if action == "none":
-            summary, health = app.gate(release, deadline, 1, 0)
-        else:
+        try:
+            if action == "started":
+                app.run_pm2(["start", app.ecosystem], release, deadline, [])
+            elif action == "restarted":
+                app.run_pm2(["delete", app.app_name], release, deadline, procs)
+                app.run_pm2(["start", app.ecosystem], release, deadline, [])
+            elif action == "reloaded":
+                app.run_pm2(["reload", app.ecosystem, "--update-env"], release, deadline, procs)
+            if action == "none":
+                gated, health = app.gate(release, deadline, 1, 0)
+            else:
+                gated, health = full_gate()
+        except GateFailed as exc:
+            # Recovery (a rollback after a release that crashed at start): instances that are down
+            # and still carry another release serve nothing, so restarting them loses nothing.
+            now_procs = app.jlist()
+            down = [x["pm_id"] for x in now_procs if x.get("status") != "online" and x.get("release") != release]
+            if not down or p["reload"] == "never" or deadline - time.time() < p["stable_seconds"] + 5:
+                raise
+            ids = ", ".join(str(i) for i in down)
+            module.warn("%s; restarting instance(s) %s (down, on another release) on release %s" % (
+                _one_line(exc), ids, release))
+            result["recovered"] = down
             try:
-                summary, health = app.gate(release, deadline, p["health_successes"], p["stable_seconds"])
-            except WrongRelease as exc:
-                # e.g. a worker PM2 auto-restarted during a failed reload kept that reload's
-                # environment: reload once more (zero-downtime), then the gate must pass
-                module.warn("%s; reloading once more" % exc)
-                result["reason"] = (reason + "; " if reason else "") + "reloaded again: " + str(exc)
-                app.run_pm2(["reload", app.ecosystem, "--update-env"], release, deadline, app_summary(
-                    app.jlist(), app.app_name)["restarts"])
-                summary, health = app.gate(release, deadline, p["health_successes"], p["stable_seconds"])
+                app.run_pm2(["restart"] + [str(i) for i in down] + ["--update-env"], release, deadline, now_procs)
+                gated, health = full_gate()
+            except GateFailed as again:
+                raise GateFailed("%s; then restarted instance(s) %s (down, on another release) on release %s: %s" % (
+                    _one_line(exc, 500), ids, release, _one_line(again, 500)))
     except (GateFailed, subprocess.TimeoutExpired) as exc:
         result["seconds"] = round(time.time() - started, 2)
+        now_procs, state = [], "PM2 state unreadable"
         try:
-            after = app_summary(app.jlist(), app.app_name)
-            result.update(instances=after["instances"], pids_after=after["pids"], restarts=after["restarts"])
+            now_procs = app.jlist()
+            observe(now_procs)
+            state = "now " + app._describe(now_procs)
         except (GateFailed, subprocess.TimeoutExpired):
             pass
-        module.fail_json(msg="pm2_app %s %s (release %s, %s) failed after %.1fs: %s; %s" % (
-            action, app.app_name, release, reason, result["seconds"], _one_line(exc, 600), app.err_tail(started)), **result)
+        source, line = app.app_error(now_procs)
+        result["app_error"] = line
+        said = ("app error (%s): %s" % (source, line) if line else
+                "%s: no error line from the app since the action started" % source)
+        secure()
+        module.fail_json(msg="pm2_app %s %s (release %s, %s) failed after %.1fs: %s; %s; %s" % (
+            action, app.app_name, release, reason, result["seconds"], _one_line(exc, 1000), state, said), **result)
 
-    result.update(seconds=round(time.time() - started, 2), instances=summary["instances"], pids_after=summary["pids"],
-                  restarts=summary["restarts"], health=health)
-    if action != "none" and p["save"]:
-        proc = subprocess.run([app.bin(), "save"], cwd=app.app_dir, env=dict(os.environ, PM2_HOME=app.pm2_home),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
-        if proc.returncode != 0:
-            module.warn("pm2 save failed (rc=%d): %s" % (proc.returncode, redact_text(_last_line(proc.stdout))))
+    observe(gated)
+    result.update(seconds=round(time.time() - started, 2), health=health, healthy=True)
+    if action != "none" or result["recovered"]:
+        result["changed"] = True
+        if p["save"]:
+            proc = subprocess.run([app.bin(), "save"], cwd=app.app_dir, env=dict(os.environ, PM2_HOME=app.pm2_home),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=60,
+                                  preexec_fn=_private_umask)
+            if proc.returncode != 0:
+                module.warn("pm2 save failed (rc=%d): %s" % (proc.returncode, redact_text(_last_line(proc.stdout))))
+            secure()
     module.exit_json(**result)
 
 
