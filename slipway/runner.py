@@ -1,8 +1,10 @@
 """Running playbooks through ansible-runner with slipway's inventories and settings."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import shutil
 import sys
 import tempfile
@@ -51,6 +53,22 @@ def env_for_ansible() -> dict:
 GUARD = Path(__file__).resolve().parent / "playbook_guard.py"
 
 
+def _children_running(name: str) -> list[int]:
+    """Pids of this process's children whose command line names ``name``."""
+    me, out = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+            if int(stat[stat.rfind(b")") + 2:].split()[1]) == me and \
+                    name.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                out.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def run_playbook(playbook: str, target: str, extravars: dict | None = None, progress=None, *,
                  check: bool = False, on_event=None, cancel=None) -> dict:
     """Run ``playbooks/<playbook>`` against ``target`` (a host or group); returns a result dict with
@@ -88,6 +106,19 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
             failures.append({"host": data.get("host"), "task": data.get("task"), "msg": lines[-1:] or [""]})
         return False  # keep no events on disk beyond what ansible-runner needs
 
+    signalled = []
+
+    def cancel_run() -> bool:
+        # ansible-runner's own cancel SIGKILLs the guard's process group, which leaves the guard no
+        # time to kill ansible's workers (sessions of their own): the guard gets SIGTERM instead,
+        # kills every descendant and exits, and ansible-runner sees the playbook end
+        if cancel is not None and cancel() and not signalled:
+            for pid in _children_running(GUARD.name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                signalled.append(pid)
+        return False
+
     private = Path(tempfile.mkdtemp(prefix="slipway-runner-"))
     # ansible-runner polls ``cancel`` each time its pexpect wait times out (default 5 s); it reads
     # this from env/settings only (a ``settings=`` argument is dropped when that file is missing)
@@ -110,7 +141,7 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
             cmdline=f"{shlex.quote(str(path))} --limit {shlex.quote(target)}" + (" --check" if check else ""),
             quiet=True,
             event_handler=handle,
-            cancel_callback=cancel,
+            cancel_callback=cancel_run if cancel is not None else None,
             suppress_env_files=True,
         )
         stats = result.stats or {}

@@ -79,8 +79,15 @@ def _cmd(pid: int) -> str:
         return ""
 
 
-def run_processes(invoke_pid: int, host_user: str) -> dict:
-    """{"controller": [...], "host": [...]} (pid and command) of the run still alive."""
+def ssh_masters() -> set[int]:
+    """ssh ControlPersist masters of slipway runs (`ssh: /tmp/slipway-cp-…/… [mux]`): they start
+    a session of their own and clear their environment, so the run's marker is not on them."""
+    return {p for p in _pids() if _cmd(p).startswith("ssh: /tmp/slipway-cp-")}
+
+
+def run_processes(invoke_pid: int, host_user: str, masters_before: set[int] = frozenset()) -> dict:
+    """{"controller": [...], "host": [...]} (pid and command) of the run still alive; ssh masters
+    count unless they were there before the run (``masters_before``)."""
     marker = f"SLIPWAY_RUN_PARENT={invoke_pid}".encode()
     uid = pwd.getpwnam(host_user).pw_uid
     pids = _pids()
@@ -96,7 +103,8 @@ def run_processes(invoke_pid: int, host_user: str) -> dict:
             continue
         if zombie:
             continue
-        if pid == invoke_pid or marker in _environ(pid).split(b"\0"):
+        if pid == invoke_pid or marker in _environ(pid).split(b"\0") or \
+                (pid not in masters_before and _cmd(pid).startswith("ssh: /tmp/slipway-cp-")):
             controller.append((pid, _cmd(pid)[:120]))
         elif _uid(pid) == uid and pid not in daemons and _ppid(pid) not in daemons:
             host.append((pid, _cmd(pid)[:120]))
@@ -183,6 +191,7 @@ class Deploy:
 
     def __init__(self, host: Host, *args: str):
         self.host = host
+        self.masters_before = ssh_masters()
         self.lines: list[str] = []
         self.proc = subprocess.Popen([*INVOKE, "deploy", "--host", host.name, *args], cwd=ROOT, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -241,11 +250,12 @@ def kill_host_sessions(host: Host) -> int:
     return len(victims)
 
 
-def wait_gone(invoke_pid: int, host_user: str, timeout: float = 90) -> tuple[float, dict]:
+def wait_gone(invoke_pid: int, host_user: str, timeout: float = 90,
+              masters_before: set[int] = frozenset()) -> tuple[float, dict]:
     """Seconds until no process of the run is left (and what was left when it timed out)."""
     start = time.monotonic()
     while True:
-        left = run_processes(invoke_pid, host_user)
+        left = run_processes(invoke_pid, host_user, masters_before)
         if not left["controller"] and not left["host"]:
             return time.monotonic() - start, left
         if time.monotonic() - start > timeout:

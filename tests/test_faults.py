@@ -48,7 +48,8 @@ def _fault_run(host, phase: str, fault, delay: float = 0.3):
     deploy.wait_for(f" {phase}")
     time.sleep(delay)
     fault(deploy)
-    gone, left = F.wait_gone(deploy.proc.pid, host.host.user, timeout=GONE_WITHIN + 30)
+    gone, left = F.wait_gone(deploy.proc.pid, host.host.user, timeout=GONE_WITHIN + 30,
+                              masters_before=deploy.masters_before)
     try:
         rc = deploy.finish(timeout=60)
     except Exception:  # noqa: BLE001 - a killed invoke has no output left to read
