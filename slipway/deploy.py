@@ -423,12 +423,40 @@ def _failure_lines(name: str, info: dict, target: str) -> list[str]:
     else:
         lines.append(f"\n{name}: FAILED in {f['phase']}: {f['cause']}")
         if info["rolled_back"]:
-            lines.append(f"{name}: rolled back: current -> {info['previous']} (reloaded)")
+            lines += _rollback_lines(name, info)
         elif f["phase"] == "preflight":
             lines.append(f"{name}: stopped before any change")
     if backup.get("path"):
         lines.append(f"{name}: the pre-deploy database is in {backup['path']} "
                      f"(restore: invoke rollback --host {name} --db restore --backup {backup.get('id')})")
+    return lines
+
+
+def _truthy(value) -> bool:
+    return value is True or str(value).lower() == "true"
+
+
+def _rollback_lines(name: str, info: dict) -> list[str]:
+    """What the deploy's automatic rollback reached, as PM2 showed it at the end: `current` went
+    back; whether the previous release really runs (every instance online, health gate passed)."""
+    previous = info.get("previous")
+    pm2 = info.get("pm2") or {}
+    counts = f"{pm2.get('online')}/{pm2.get('total')} instances online" if pm2.get("total") is not None else "instances unknown"
+    if pm2.get("release") == previous and _truthy(pm2.get("healthy")):
+        how = "reloaded" if pm2.get("action") not in (None, "none") else "it was still running"
+        return [f"{name}: rolled back: current -> {previous}; PM2 runs it healthy ({counts}, {how})"]
+    lines = [f"{name}: rolled back current -> {previous}, but the app is NOT healthy on it: {counts}"
+             + (f" on {pm2.get('release')}" if pm2.get("release") else "")]
+    for proc in pm2.get("processes") or []:
+        if isinstance(proc, dict) and proc.get("status") != "online":
+            lines.append(f"{name}:   instance {proc.get('pm_id')}: {proc.get('status')} on {proc.get('release')}, "
+                         f"{proc.get('restarts')} restarts")
+    if pm2.get("app_error"):
+        lines.append(f"{name}: the app's last error: {pm2['app_error']}")
+    elif pm2.get("error"):
+        lines.append(f"{name}: PM2: {str(pm2['error']).splitlines()[0][:300]}")
+    lines.append(f"{name}: next: the app is down or degraded on this host; find the cause (the error above, "
+                 f"`pm2 logs` on the host), then `invoke deploy --host {name}` a fixed release")
     return lines
 
 

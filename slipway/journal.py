@@ -88,7 +88,7 @@ def summarize(run_id: str, release: str | None, events: list[dict], current: str
         "backup": {k: backup.get(k) for k in ("id", "path", "size", "sha256", "toc_entries", "created")} if backup else None,
         "migrations_applied": applied,
         "rolled_back": rolled_back,
-        "pm2": {k: pm2[-1].get(k) for k in ("action", "release")} if pm2 else None,
+        "pm2": {k: pm2[-1].get(k) for k in ("action", "release", "completed")} if pm2 else None,
         "current": current,
         "interrupted": {"how": how, "controller_lost_at": lost.get("at") if lost else None,
                         "last_change": changes[-1]["event"] if changes else None},
@@ -105,7 +105,10 @@ def describe(record: dict) -> list[str]:
         did.append(f"current switched from {record['switched_from']} to {record.get('release')}")
     did.append("migrations committed: " + (", ".join(record.get("migrations_applied") or []) or "none"))
     pm2 = record.get("pm2") or {}
-    did.append(f"PM2 {pm2['action']} on {pm2.get('release')}" if pm2.get("action") else "PM2 not reloaded")
+    if pm2.get("action"):
+        did.append(f"PM2 {pm2['action']} on {pm2.get('release')}" + (" (cut short)" if pm2.get("completed") is False else ""))
+    else:
+        did.append("PM2 not reloaded")
     return did
 
 

@@ -200,11 +200,45 @@ def test_release_whose_app_fails_to_start_is_rolled_back(hosts, tmp_path):
     proc, report = deploy("--host", "sandbox", "--release", str(make_release(tmp_path, crash)), expect=1)
     info = report["hosts"]["sandbox"]
     assert report["result"] == "failed" and info["failure"]["phase"] == "pm2_app"
-    assert info["rolled_back"] is True and "rolled back" in proc.stdout
+    assert info["rolled_back"] is True
+    assert f"rolled back: current -> {Path(old).name}; PM2 runs it healthy (2/2 instances online" in proc.stdout
     assert current(host) == old
     status, body = health(env)
     assert status == 200 and body["release"] == old_release
     assert track(env, sb.INCIDENT_BOOK)[0] == 200
+
+
+def test_a_rollback_that_does_not_bring_the_app_back_says_so(hosts, tmp_path):
+    # both releases are broken: the new one exits at start, and the previous one's code on disk no
+    # longer starts either (what a restart of it would now run)
+    env, host = hosts["env"]["sandbox"], hosts["hosts"]["sandbox"]
+    user = sb.pwd.getpwnam(host.user)
+    old = current(host)
+    old_server = host.app_dir / "current" / "server.js"
+    kept = old_server.read_text()
+
+    def crash(app: Path):
+        server = app / "server.js"
+        server.write_text("'use strict';\nconsole.error('boom: the new release cannot start');\nprocess.exit(1);\n" + server.read_text())
+
+    old_server.write_text("'use strict';\nconsole.error('boom: the old release no longer starts');\nprocess.exit(1);\n" + kept)
+    try:
+        proc, report = deploy("--host", "sandbox", "--release", str(make_release(tmp_path, crash)), expect=1)
+        info = report["hosts"]["sandbox"]
+        assert info["rolled_back"] is True and current(host) == old
+        assert info["pm2"]["healthy"] in (False, "False") and info["pm2"]["release"] == Path(old).name
+        out = proc.stdout
+        assert "PM2 runs it healthy" not in out, out
+        assert f"rolled back current -> {Path(old).name}, but the app is NOT healthy on it: " in out, out
+        assert f"errored on {Path(old).name}" in out, out  # the instance that did not come back, by name
+        assert "boom: the old release no longer starts" in out, out
+    finally:
+        old_server.write_text(kept)
+        sb.pm2(host, user, "restart", sb.APP_NAME)
+        deadline = time.time() + 60
+        while health(env)[0] != 200 and time.time() < deadline:
+            time.sleep(1)
+    assert health(env)[0] == 200
 
 
 def test_smoke_failure_is_rolled_back(hosts, tmp_path):

@@ -20,6 +20,7 @@ import pytest
 
 import faults as F
 from conftest import Outputs
+from slipway.paths import READER_APP
 
 INSTANCE = "7"
 ROWS = 300_000  # 0007's consolidation + unique index take ~1.3 s, the backup ~0.9 s on this size
@@ -39,12 +40,12 @@ def host():
     F.invoke("sandbox.down", env=env)
 
 
-def _fault_run(host, phase: str, fault, delay: float = 0.3):
+def _fault_run(host, phase: str, fault, delay: float = 0.3, args=()):
     """Reset, deploy, inject ``fault(deploy)`` ``delay`` s after ``phase`` starts; returns what was seen."""
     host.reset(ROWS)
     before = host.state()
     records_before = len(host.records())
-    deploy = F.Deploy(host)
+    deploy = F.Deploy(host, *args)
     deploy.wait_for(f" {phase}")
     time.sleep(delay)
     fault(deploy)
@@ -144,6 +145,39 @@ def test_sigterm_while_the_release_is_installed(host):
     out = seen["deploy"].output
     assert "INTERRUPTED in app_release: stopped by SIGTERM" in out, out
     assert seen["right_after"]["tracking_rows"] == 7
+    _converges(host, seen)
+
+
+def test_sigterm_in_the_middle_of_a_pm2_reload_lets_the_reload_finish(host, tmp_path):
+    # a release of its own, so that the deploy reloads PM2 (one instance after the other)
+    app = tmp_path / "app"
+    shutil.copytree(READER_APP, app, ignore=shutil.ignore_patterns("node_modules", ".env", "logs"))
+    (app / "server.js").write_text((app / "server.js").read_text() + "\n// a release of its own\n")
+    seen_mixed = []
+
+    def stop_mid_reload(deploy):
+        release = deploy.output.splitlines()[0].split("release ", 1)[1].split()[0]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            releases = [r for _, status, r in host.pm2()]
+            if release in releases and any(r != release for r in releases):
+                seen_mixed.append(releases)
+                break
+            time.sleep(0.05)
+        os.kill(deploy.proc.pid, signal.SIGTERM)
+
+    seen = _fault_run(host, "pm2_app", stop_mid_reload, delay=0, args=("--release", str(app)))
+    _common(seen, host)
+    assert seen_mixed, "the stop did not land while PM2 ran two releases"
+    out = seen["deploy"].output
+    run_id = _run_id(seen["deploy"])
+    record = next(r for r in host.records() if r.get("run_id") == run_id)
+    assert record["result"] == "interrupted", record
+    # the reload under way when the stop came was finished, then journaled; the gate was cut
+    assert record["pm2"] == {"action": "reload", "release": record["release"], "completed": True}, record
+    assert f"PM2 reload on {record['release']}" in out and "INTERRUPTED in pm2_app" in out, out
+    pm2 = seen["right_after"]["pm2"]
+    assert len(pm2) == 2 and all(status == "online" and rel == record["release"] for _, status, rel in pm2), pm2
     _converges(host, seen)
 
 

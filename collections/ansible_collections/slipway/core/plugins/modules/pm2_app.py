@@ -227,6 +227,7 @@ from ansible_collections.slipway.core.plugins.module_utils.pm2 import (
     secure_pm2_home,
     summarize_jlist,
 )
+from ansible_collections.slipway.core.plugins.module_utils import runguard
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -659,11 +660,29 @@ def main():
         module.warn("the PM2 daemon uses Node's round-robin connection hand-off, with which a reload can lose a "
                     "connection now and then; start the daemon with NODE_CLUSTER_SCHED_POLICY=none (pm2_app does "
                     "when it starts the daemon; for a running one: pm2 kill, then run pm2_app, in a quiet moment)")
+    guard = runguard.from_env()  # inactive outside a deploy run
+    try:
+        guard.start()
+    except runguard.LockLost as exc:
+        module.fail_json(msg="pm2_app %s %s (release %s): %s; PM2 was not touched" % (
+            action, app.app_name, release, exc.args[0]), **result)
     if not os.path.isdir(app.pm2_home):
         os.makedirs(app.pm2_home, 0o700)  # before PM2 creates it 0755
     app.mark_logs(procs)
     started = time.time()
     deadline = started + p["health_timeout"]
+
+    def act(args, baseline):
+        """One pm2 command that changes the app's processes: started only while the run holds the
+        deploy lock, and finished (then journaled) even when the run is stopped meanwhile -- PM2's
+        daemon would go on with a half-done reload anyway; the gate after it is what a stop cuts."""
+        with guard.hold():
+            done = False
+            try:
+                app.run_pm2(args, release, deadline, baseline)
+                done = True
+            finally:
+                guard.record("pm2", action=args[0], release=release, app=app.app_name, completed=done)
 
     def full_gate():
         """The gate after a change. An online instance that keeps answering with another release
@@ -674,17 +693,17 @@ def main():
         except WrongRelease as exc:
             module.warn("%s; reloading once more" % exc)
             result["reason"] = (result["reason"] + "; " if result["reason"] else "") + "reloaded again: " + str(exc)
-            app.run_pm2(["reload", app.ecosystem, "--update-env"], release, deadline, app.jlist())
+            act(["reload", app.ecosystem, "--update-env"], app.jlist())
             return app.gate(release, deadline, p["health_successes"], p["stable_seconds"])
     try:
         try:
             if action == "started":
-                app.run_pm2(["start", app.ecosystem], release, deadline, [])
+                act(["start", app.ecosystem], [])
             elif action == "restarted":
-                app.run_pm2(["delete", app.app_name], release, deadline, procs)
-                app.run_pm2(["start", app.ecosystem], release, deadline, [])
+                act(["delete", app.app_name], procs)
+                act(["start", app.ecosystem], [])
             elif action == "reloaded":
-                app.run_pm2(["reload", app.ecosystem, "--update-env"], release, deadline, procs)
+                act(["reload", app.ecosystem, "--update-env"], procs)
             if action == "none":
                 gated, health = app.gate(release, deadline, 1, 0)
             else:
@@ -701,12 +720,13 @@ def main():
                 _one_line(exc), ids, release))
             result["recovered"] = down
             try:
-                app.run_pm2(["restart"] + [str(i) for i in down] + ["--update-env"], release, deadline, now_procs)
+                act(["restart"] + [str(i) for i in down] + ["--update-env"], now_procs)
                 gated, health = full_gate()
             except GateFailed as again:
                 raise GateFailed("%s; then restarted instance(s) %s (down, on another release) on release %s: %s" % (
                     _one_line(exc, 500), ids, release, _one_line(again, 500)))
-    except (GateFailed, subprocess.TimeoutExpired) as exc:
+    except (GateFailed, subprocess.TimeoutExpired, runguard.RunStopped, runguard.LockLost) as exc:
+        guard.finish()
         result["seconds"] = round(time.time() - started, 2)
         now_procs, state = [], "PM2 state unreadable"
         try:
@@ -728,12 +748,17 @@ def main():
     if action != "none" or result["recovered"]:
         result["changed"] = True
         if p["save"]:
-            proc = subprocess.run([app.bin(), "save"], cwd=app.app_dir, env=dict(os.environ, PM2_HOME=app.pm2_home),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=60,
-                                  preexec_fn=_private_umask)
+            try:
+                with guard.deferred():  # the app is healthy: a stop now lets the save finish, then ends the module
+                    proc = subprocess.run([app.bin(), "save"], cwd=app.app_dir, env=dict(os.environ, PM2_HOME=app.pm2_home),
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                                          timeout=60, preexec_fn=_private_umask)
+            except runguard.RunStopped:
+                module.warn("the deploy run was stopped after the app became healthy on %s; PM2's process list was saved" % release)
             if proc.returncode != 0:
                 module.warn("pm2 save failed (rc=%d): %s" % (proc.returncode, redact_text(_last_line(proc.stdout))))
             secure()
+    guard.finish()
     module.exit_json(**result)
 
 
