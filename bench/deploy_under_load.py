@@ -31,12 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 os.environ["SLIPWAY_SANDBOX_INSTANCE"] = "3"
 os.environ.pop("SLIPWAY_SANDBOX_DIR", None)
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tests")]  # the tests' helpers (bigtable, pgcluster, faults)
 
-import psycopg  # noqa: E402
-from bigtable import grow_statistics  # noqa: E402
+import psycopg
+from bigtable import grow_statistics
 
-from slipway import sandbox as sb  # noqa: E402
+from slipway import sandbox as sb
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 
@@ -176,7 +176,7 @@ def main():
         print(f"deploy: exit {proc.returncode} in {t1 - t0:.1f}s; last line: {proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.strip()[-200:]}")
         if report.exists():
             doc = json.loads(report.read_text())
-            for host, info in doc.get("hosts", {}).items():
+            for info in doc.get("hosts", {}).values():
                 print("phases: " + ", ".join(f"{p['name']} {p['seconds']:.1f}s" for p in info.get("phases", [])))
         print(f"writes during the deploy: {len(during)}; longest wait {max(during or [0]):.0f} ms; p99 {pct(during, 0.99):.0f} ms; "
               f"over 50 ms: {sum(1 for w in during if w > 50)}; failed {updater.failed} {updater.errors or ''}; "

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tests")]  # the tests' helpers (bigtable, pgcluster, faults)
 
-import faults as F  # noqa: E402
+import faults as F
 
 INSTANCE = "3"
 

@@ -24,15 +24,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tests")]  # the tests' helpers (bigtable, pgcluster, faults)
 os.environ.setdefault("SLIPWAY_SANDBOX_INSTANCE", "0")
 
-from pgcluster import Cluster  # noqa: E402
-from slipway.paths import import_module_utils  # noqa: E402
-
-import_module_utils()
-from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
-from ansible_collections.slipway.core.plugins.module_utils.drizzle import read_folder  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils import migrate as engine
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import read_folder
+from pgcluster import Cluster
 
 MIGRATIONS = ROOT / "examples" / "reader-app" / "migrations"
 JUDGE = ROOT / "tests" / "js" / "drizzle_judge.js"
@@ -104,7 +101,7 @@ def main() -> None:
             assert proc.returncode == 0, proc.stderr
             cmd.append(ms)
             db = cluster.createdb()
-            ms, proc = timed(lambda: subprocess.run(
+            ms, proc = timed(lambda db=db: subprocess.run(
                 ["node", str(JUDGE)], env={**env, "DATABASE_URL": cluster.dsn(db), "MIGRATIONS": str(MIGRATIONS)},
                 capture_output=True, text=True))
             assert proc.returncode == 0, proc.stderr

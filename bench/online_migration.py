@@ -28,18 +28,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]  # the tests' helpers, the other benchmarks
 os.environ.setdefault("SLIPWAY_SANDBOX_INSTANCE", "0")
 
-import psycopg  # noqa: E402
-from bigtable import grow_statistics  # noqa: E402
-from migrate_engine import JUDGE, MIGRATIONS, node_modules, upto_folder  # noqa: E402
-from pgcluster import Cluster  # noqa: E402
-from slipway.paths import import_module_utils  # noqa: E402
-
-import_module_utils()
-from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
-from ansible_collections.slipway.core.plugins.module_utils.drizzle import read_folder  # noqa: E402
+import psycopg
+from ansible_collections.slipway.core.plugins.module_utils import migrate as engine
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import read_folder
+from bigtable import grow_statistics
+from migrate_engine import JUDGE, MIGRATIONS, node_modules, upto_folder
+from pgcluster import Cluster
 
 INCIDENT_BOOK = "aa4a9ca1-9a21-4126-9a7a-39b17ff186bc"
 UPSERT = ("INSERT INTO book_view_statistics (book_id, view_type, view_count, last_viewed_at) VALUES (%s, 'card_view', 1, now()) "

@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from slipway import sandbox as sb
 from slipway.errors import SlipwayError
@@ -399,7 +398,9 @@ def print_load_table(a: dict, b: dict, rate: float, stale: bool) -> None:
     fa, fb = fmt_failures(a), fmt_failures(b)
     for i in range(max(len(fa), len(fb))):
         rows.append(("  by cause" if i == 0 else "", fa[i] if i < len(fa) else "", fb[i] if i < len(fb) else ""))
-    win = lambda f: f"{f['failed_window'][0]:.2f}-{f['failed_window'][1]:.2f}" if f["failed_window"] else "-"
+    def win(f):
+        return f"{f['failed_window'][0]:.2f}-{f['failed_window'][1]:.2f}" if f["failed_window"] else "-"
+
     rows += [
         ("  failures at t (s from start)", win(a), win(b)),
         ("idle conns found closed, reopened", a["stale_dropped"] if stale else "(no check)",

@@ -4,6 +4,6 @@ __version__ = "0.1.0"
 
 import os as _os
 
-# Unknown --host patterns are reported by slipway.runner.resolve_target in one line; Ansible's own
+# Unknown --host patterns are reported by slipway.inventory.resolve_target in one line; Ansible's own
 # warning about them would be a second line (set before anything imports ansible).
 _os.environ.setdefault("ANSIBLE_HOST_PATTERN_MISMATCH", "ignore")

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import sys
 
-from .errors import SlipwayError
-from .paths import import_module_utils
+from ansible_collections.slipway.core.plugins.module_utils import backup as bk
 
-import_module_utils()
-from ansible_collections.slipway.core.plugins.module_utils import backup as bk  # noqa: E402
+from .errors import SlipwayError
 
 # how users list a host's backups (the CLI wiring in tasks.py)
 LIST_HINT = "invoke backup --list --host {host}"
@@ -35,7 +33,8 @@ def _document(key: str, result: dict) -> str:
 
 def backup(host: str, as_json: bool = False, progress=None) -> int:
     """Take a verified backup now on every host ``host`` names (reason "manual")."""
-    from .runner import print_failures, resolve_target, run_playbook
+    from .inventory import resolve_target
+    from .runner import print_failures, run_playbook
 
     resolve_target(host)
     result = run_playbook("backup.yml", host, progress=progress)
@@ -57,7 +56,8 @@ def backup(host: str, as_json: bool = False, progress=None) -> int:
 
 def list_backups(host: str, as_json: bool = False) -> int:
     """Print the backups each host's manifest lists (newest first), and whether each file is intact in size."""
-    from .runner import print_failures, resolve_target, run_playbook
+    from .inventory import resolve_target
+    from .runner import print_failures, run_playbook
 
     resolve_target(host)
     result = run_playbook("backup_list.yml", host)
@@ -76,7 +76,7 @@ def list_backups(host: str, as_json: bool = False) -> int:
 
 def _db_name(host: str, backup_id: str) -> str:
     """The host's slipway_db_name from the inventory, else the database part of the backup id."""
-    from .remote import host_vars
+    from .inventory import host_vars
 
     try:
         name = host_vars(host).render("slipway_db_name")
@@ -88,7 +88,7 @@ def _db_name(host: str, backup_id: str) -> str:
 def restore_target(host: str, backup_id: str) -> str:
     """The one inventory host a restore of ``backup_id`` may run on, or a one-line SlipwayError
     (a group, a malformed id, a backup taken on another host)."""
-    from .runner import resolve_target
+    from .inventory import resolve_target
 
     hosts = resolve_target(host)
     if len(hosts) != 1 or hosts[0] != host:

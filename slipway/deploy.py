@@ -18,11 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import SlipwayError
-from .paths import import_module_utils
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text
 
-import_module_utils()
-from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text  # noqa: E402
+from .errors import Exit, SlipwayError
 
 PHASES = ("preflight", "db_backup", "app_release", "db_migrate", "pm2_app", "smoke_test")
 _TASK_EVENTS = {"runner_on_ok", "runner_on_failed", "runner_on_skipped", "runner_on_unreachable"}
@@ -131,7 +129,17 @@ def _lint_release(doc: dict, migrations: dict) -> dict:
         return lint_plan(doc, tmp)
 
 
-def _check_lines(report: dict, migrations: dict | None = None) -> list[str]:
+def lint_plans(report: dict, migrations: dict) -> dict:
+    """squawk's findings on each host's pending migrations (--check), by host."""
+    found = {}
+    for host, info in report["hosts"].items():
+        doc = (info.get("plan") or {}).get("document")
+        if doc and doc.get("to_apply"):
+            found[host] = _lint_release(doc, migrations)
+    return found
+
+
+def _check_lines(report: dict, lints: dict) -> list[str]:
     from .migrations import render
 
     lines = []
@@ -144,8 +152,8 @@ def _check_lines(report: dict, migrations: dict | None = None) -> list[str]:
                          else "is installed and current; no new release")))
         doc = (info.get("plan") or {}).get("document")
         if doc:
-            if migrations and doc.get("to_apply"):
-                doc = {**doc, "lint": _lint_release(doc, migrations)}
+            if host in lints:
+                doc = {**doc, "lint": lints[host]}
             rendered = render(doc)
             rendered[0] = (f"migrations of release {report['release']} -> {host}'s database, "
                            f"{doc['tracking_table']} ({doc['tracking_rows']} rows)")
@@ -200,22 +208,6 @@ def write_report(report_path: str, report: dict) -> None:
     write_private(Path(report_path), json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", mode=0o600)
 
 
-def _known_secrets(hosts: list[str]) -> list[str]:
-    """The sandbox hosts' secrets (when it is the sandbox), so reports can be scrubbed of them too."""
-    try:
-        from . import sandbox, vault
-
-        ctl = sandbox.Controller()
-        out = []
-        for name in hosts:
-            path = ctl.vault_file(name)
-            if path.exists():
-                out += [v for v in vault.load(path, ctl.vault_password_file).values() if v]
-        return out
-    except Exception:  # noqa: BLE001 - best effort: the modules redact their own output anyway
-        return []
-
-
 @contextlib.contextmanager
 def _stop_on_signals():
     """While the run is under way, SIGINT/SIGTERM/SIGHUP ask it to stop (the playbook's process
@@ -258,61 +250,21 @@ def _interrupted(locks, tracker, run_id: str, release: str, how: str) -> dict:
     return found
 
 
-def deploy(host: str, release: str | None = None, check: bool = False, report_path: str | None = None,
-           out=sys.stdout) -> int:
-    from . import release as rel
-    from .remote import LockHeld, lock_hosts
-    from .runner import resolve_target, run_playbook
-    from .vault import check_hosts
-
-    started = time.monotonic()
-    hosts = resolve_target(host)
-    if report_path:
-        check_report_path(report_path)
-    check_hosts(hosts)  # the vault decrypts, every secret is there: before anything is built or locked
-    built = rel.build(release)
-    runtime_id, runtime_archive, runtime_python = rel.runtime()
-    run_id = new_run_id()
-    mode = "check (nothing will change)" if check else "deploy"
-    print(f"slipway {mode}: release {built.id} ({built.files} files, {len(built.journal_tags)} migrations) "
-          f"from {built.source} -> {', '.join(hosts)}; run {run_id}", file=out, flush=True)
-    tracker = PhaseTracker(out)
-    extravars = deploy_extravars(run_id, built, (runtime_id, runtime_archive, runtime_python))
-    command = "invoke deploy --host " + host + (" --check" if check else "")
-    interrupted: dict = {}
-    how = ""
-    try:
-        with _stop_on_signals() as stop, lock_hosts(hosts, run_id, command, extra={"release": built.id}) as locks:
-            for lock in locks:
-                if lock.stale_message:
-                    print(f"  {lock.host}: {lock.stale_message}", file=out, flush=True)
-            result = run_playbook("deploy.yml", host, extravars, check=check, on_event=tracker, cancel=stop.is_set)
-            lost = [lock for lock in locks if not lock.held]
-            if not result["finished"]:
-                how = (f"stopped by {stop.names.get('signal', 'a signal')}" if stop.is_set() else
-                       f"ansible-playbook ended before the deploy finished (exit {result['rc']})")
-                cut = locks
-            elif lost:
-                how = ("the deploy lock's SSH channel to the host broke during the run; the lock keeper there "
-                       "stopped the run's processes")
-                cut = lost
-            if not result["finished"] or lost:
-                print(f"  {how}: stopping the run's processes on {', '.join(sorted(lock.host for lock in cut))}",
-                      file=out, flush=True)
-                interrupted = _interrupted(cut, tracker, run_id, built.id, how)
-    except LockHeld as exc:
-        raise SlipwayError(str(exc), exit_code=4) from None
-    known = _known_secrets(hosts)
+def build_report(host: str, hosts: list[str], run_id: str, release_id: str, source: str, check: bool,
+                 result: dict, known: list[str], tracker: PhaseTracker, interrupted: dict, how: str,
+                 seconds: float) -> dict:
+    """The deploy's report (what `--report` writes and the summary renders), from the playbook's
+    result, the phases seen and what was found on hosts whose run was cut short. Pure: no I/O."""
     data = redact_mapping(result["data"].get("deploy", {}), known=known)
     failures = [{**f, "msg": redact_text(name_overrides(f["msg"]), known=known)} for f in result["failures"]]
     report = {
         "host": host,
         "run_id": run_id,
-        "release": built.id,
-        "source": built.source,
+        "release": release_id,
+        "source": source,
         "check": check,
         "hosts": {},
-        "seconds": round(time.monotonic() - started, 2),
+        "seconds": seconds,
     }
     # a stop asked for when the playbook had already finished: its outcome is what happened
     late_stop = result["finished"] and result["status"] == "canceled" and \
@@ -332,7 +284,7 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
             info = {
                 "result": "interrupted",
                 "previous": record.get("previous"),
-                "release_state": {"id": built.id, "previous": record.get("previous"),
+                "release_state": {"id": release_id, "previous": record.get("previous"),
                                   "switched": bool(record.get("switched_from")), "current": record.get("current")},
                 "migrations_applied": record.get("migrations_applied") or [],
                 "backup": record.get("backup"),
@@ -367,25 +319,82 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
     report["result"] = ("interrupted" if interrupted else
                         "ok" if ok and all(h["result"] == "ok" for h in report["hosts"].values()) else "failed")
     report["changed"] = sum(h["changed"] for h in report["hosts"].values())
-    print("", file=out)
-    for line in _summary_table(report):
-        print(line, file=out)
-    if check:
-        print("", file=out)
-        for line in _check_lines(report, built.migrations):
-            print(line, file=out)
+    return report
+
+
+def render_report(report: dict, lints: dict | None = None) -> list[str]:
+    """The summary printed after a deploy: the phase table, the plan (--check, with ``lints`` from
+    lint_plans), each host's failure and what to do next, and the one-line outcome. Pure: no I/O."""
+    hosts = list(report["hosts"])
+    release_id = report["release"]
+    how = next((h["interrupted"]["how"] for h in report["hosts"].values() if h.get("interrupted")), "")
+    lines = ["", *_summary_table(report)]
+    if report["check"]:
+        lines += ["", *_check_lines(report, lints or {})]
     for name, info in report["hosts"].items():
-        for line in _failure_lines(name, info, host):
-            print(line, file=out)
-    if check:
-        tail = f"checked {built.id} for {', '.join(hosts)} in {report['seconds']:.1f}s; a deploy would make {report['changed']} change(s)"
+        lines += _failure_lines(name, info, report["host"])
+    if report["check"]:
+        tail = f"checked {release_id} for {', '.join(hosts)} in {report['seconds']:.1f}s; a deploy would make {report['changed']} change(s)"
     elif report["result"] == "ok":
-        tail = f"deployed {built.id} to {', '.join(hosts)} in {report['seconds']:.1f}s, {report['changed']} change(s)"
+        tail = f"deployed {release_id} to {', '.join(hosts)} in {report['seconds']:.1f}s, {report['changed']} change(s)"
     elif report["result"] == "interrupted":
-        tail = f"the deploy of {built.id} to {', '.join(hosts)} was interrupted ({how}; {report['seconds']:.1f}s); see above what it did"
+        tail = (f"the deploy of {release_id} to {', '.join(hosts)} was interrupted ({how}; "
+                f"{report['seconds']:.1f}s); see above what it did")
     else:
-        tail = f"{built.id} was not deployed to {', '.join(hosts)} ({report['seconds']:.1f}s; see the failure above)"
-    print(f"\n{report['result'].upper()}: {tail}", file=out, flush=True)
+        tail = f"{release_id} was not deployed to {', '.join(hosts)} ({report['seconds']:.1f}s; see the failure above)"
+    return [*lines, f"\n{report['result'].upper()}: {tail}"]
+
+
+def deploy(host: str, release: str | None = None, check: bool = False, report_path: str | None = None,
+           out=sys.stdout) -> int:
+    from . import release as rel
+    from .inventory import resolve_target
+    from .remote import LockHeld, lock_hosts
+    from .runner import run_playbook
+    from .vault import check_hosts
+
+    started = time.monotonic()
+    hosts = resolve_target(host)
+    if report_path:
+        check_report_path(report_path)
+    known = check_hosts(hosts)  # the vault decrypts, every secret is there: before anything is built or locked
+    built = rel.build(release)
+    runtime_id, runtime_archive, runtime_python = rel.runtime()
+    run_id = new_run_id()
+    mode = "check (nothing will change)" if check else "deploy"
+    print(f"slipway {mode}: release {built.id} ({built.files} files, {len(built.journal_tags)} migrations) "
+          f"from {built.source} -> {', '.join(hosts)}; run {run_id}", file=out, flush=True)
+    tracker = PhaseTracker(out)
+    extravars = deploy_extravars(run_id, built, (runtime_id, runtime_archive, runtime_python))
+    command = "invoke deploy --host " + host + (" --check" if check else "")
+    interrupted: dict = {}
+    how = ""
+    try:
+        with _stop_on_signals() as stop, lock_hosts(hosts, run_id, command, extra={"release": built.id}) as locks:
+            for lock in locks:
+                if lock.stale_message:
+                    print(f"  {lock.host}: {lock.stale_message}", file=out, flush=True)
+            result = run_playbook("deploy.yml", host, extravars, check=check, on_event=tracker, cancel=stop.is_set)
+            lost = [lock for lock in locks if not lock.held]
+            if not result["finished"]:
+                how = (f"stopped by {stop.names.get('signal', 'a signal')}" if stop.is_set() else
+                       f"ansible-playbook ended before the deploy finished (exit {result['rc']})")
+                cut = locks
+            elif lost:
+                how = ("the deploy lock's SSH channel to the host broke during the run; the lock keeper there "
+                       "stopped the run's processes")
+                cut = lost
+            if not result["finished"] or lost:
+                print(f"  {how}: stopping the run's processes on {', '.join(sorted(lock.host for lock in cut))}",
+                      file=out, flush=True)
+                interrupted = _interrupted(cut, tracker, run_id, built.id, how)
+    except LockHeld as exc:
+        raise SlipwayError(str(exc), exit_code=Exit.LOCK_HELD) from None
+    report = build_report(host, hosts, run_id, built.id, built.source, check, result, known, tracker,
+                          interrupted, how, round(time.monotonic() - started, 2))
+    for line in render_report(report, lint_plans(report, built.migrations) if check else None):
+        print(line, file=out)
+    out.flush()
     if report_path:
         try:
             write_report(report_path, report)
@@ -465,8 +474,10 @@ def rollback(host: str, release: str | None = None, db: str | None = None, backu
     """Point `current` back at the release before the current one (or ``release``), reload and gate
     on health; with ``db="restore"`` also restore the database from ``backup`` (safety backup first)."""
     from . import backups
+    from .inventory import resolve_target
     from .remote import LockHeld, lock_hosts
-    from .runner import resolve_target, run_playbook
+    from .runner import run_playbook
+    from .vault import check_hosts
 
     if db not in (None, "restore"):
         raise SlipwayError(f"--db {db!r} is not known; use --db restore --backup ID (the schema is otherwise kept)")
@@ -475,6 +486,7 @@ def rollback(host: str, release: str | None = None, db: str | None = None, backu
     if backup and not db:
         raise SlipwayError("--backup is only used with --db restore; add --db restore to restore the database")
     hosts = resolve_target(host)
+    known = check_hosts(hosts)  # the vault decrypts, every secret is there (and the output is scrubbed of them)
     if db:
         target = backups.restore_target(host, backup)  # one host, a backup of that host
         if not yes:
@@ -493,8 +505,7 @@ def rollback(host: str, release: str | None = None, db: str | None = None, backu
         with lock_hosts(hosts, run_id, "invoke rollback --host " + host):
             result = run_playbook("rollback.yml", host, extravars, on_event=tracker)
     except LockHeld as exc:
-        raise SlipwayError(str(exc), exit_code=4) from None
-    known = _known_secrets(hosts)
+        raise SlipwayError(str(exc), exit_code=Exit.LOCK_HELD) from None
     data = redact_mapping(result["data"].get("rollback", {}), known=known)
     for name, info in sorted(data.items()):
         line = f"{name}: current {info.get('previous')} -> {info.get('release')} (reloaded, healthy)"

@@ -4,16 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import SlipwayError
+from ansible_collections.slipway.core.plugins.module_utils import migrate as engine
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text
+
+from .errors import Exit, SlipwayError
 from .lint import lint_plan
-from .paths import import_module_utils
-
-import_module_utils()
-from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
-from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder  # noqa: E402
-from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text  # noqa: E402
-
-EXIT_PENDING = 2
 
 
 def dsn_from_env(var: str) -> str:
@@ -48,7 +44,7 @@ def run_dsn(dsn: str, migrations: str, check: bool, include_skipped=False, allow
         if check:
             doc = eng.check(rehearse=rehearse)
             doc["lint"] = lint_plan(doc, folder["folder"])
-            code = 1 if doc["blockers"] else (EXIT_PENDING if doc["to_apply"] else 0)
+            code = 1 if doc["blockers"] else (Exit.PENDING if doc["to_apply"] else 0)
             error = _name_flags("apply would be refused: " + doc["blockers"][0]) if doc["blockers"] else None
             return _finish(doc, dsn), error, code
         doc = eng.apply()

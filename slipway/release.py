@@ -17,16 +17,36 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .errors import SlipwayError
-from .paths import READER_APP, import_module_utils
-from .sandbox import app_files, release_id
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder
 
-import_module_utils()
-from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder  # noqa: E402
+from .errors import SlipwayError
+from .paths import READER_APP
 
 REQUIRED = ("package.json", "package-lock.json", "ecosystem.config.js", "migrations/meta/_journal.json")
 RUNTIME_PACKAGES = ("psycopg", "psycopg_binary", "psycopg_binary.libs", "pglast", "typing_extensions.py")
 _RUNTIME_SKIP = ("__pycache__", ".pyi", ".pxd", ".c", ".h")
+
+
+_APP_EXCLUDE = {"node_modules", "logs", ".env", ".git"}
+
+
+def app_files(src: Path) -> list[Path]:
+    files = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if rel.parts[0] in _APP_EXCLUDE or not path.is_file():
+            continue
+        files.append(rel)
+    return files
+
+
+def release_id(src: Path = READER_APP) -> str:
+    """Content address of the app source: same content, same release id."""
+    digest = hashlib.sha256()
+    for rel in app_files(src):
+        digest.update(str(rel).encode() + b"\0")
+        digest.update((src / rel).read_bytes() + b"\0")
+    return "r" + digest.hexdigest()[:12]
 
 
 def cache_dir() -> Path:

@@ -25,11 +25,10 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from .errors import SlipwayError
-from .paths import ROOT, import_module_utils
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
-import_module_utils()
-from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text  # noqa: E402
+from .errors import Exit, SlipwayError
+from .inventory import host_vars
 
 CONNECT_TIMEOUT = 10
 HEARTBEAT_SECONDS = 10
@@ -44,71 +43,6 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 # --------------------------------------------------------------------------------------------
 # Inventory → connection parameters
 # --------------------------------------------------------------------------------------------
-def _loader():
-    """A DataLoader that skips whole-file vault-encrypted vars files instead of decrypting them
-    (``host_vars/<h>/vault.yml``), so no vault password is needed to read connection vars."""
-    from ansible.parsing.dataloader import DataLoader
-    from ansible.parsing.vault import is_encrypted_file
-
-    class _NoVaultLoader(DataLoader):
-        def load_from_file(self, file_name, *args, **kwargs):
-            path = self.path_dwim(file_name)
-            try:
-                with open(path, "rb") as handle:
-                    if is_encrypted_file(handle):
-                        return {}
-            except OSError:
-                pass
-            return super().load_from_file(file_name, *args, **kwargs)
-
-    return _NoVaultLoader()
-
-
-def host_vars(host: str) -> dict:
-    """The inventory variables of ``host`` (host and group vars, vault files skipped), untemplated.
-
-    Raises a one-line SlipwayError when there is no inventory or no such host."""
-    from ansible.inventory.manager import InventoryManager
-    from ansible.vars.manager import VariableManager
-
-    from .runner import inventories
-
-    os.environ.setdefault("ANSIBLE_CONFIG", str(ROOT / "ansible.cfg"))
-    sources = inventories()
-    if not sources:
-        raise SlipwayError("no inventory: add inventory/<env>.yml (see examples/inventory/prod.yml) or run `invoke sandbox.up`")
-    loader = _loader()
-    manager = InventoryManager(loader=loader, sources=sources)
-    entry = manager.get_host(host)
-    if entry is None:
-        names = ", ".join(sorted(manager.hosts)) or "none"
-        raise SlipwayError(f"no host named {host!r} in the inventory (hosts: {names}); pass an inventory host name")
-    variables = VariableManager(loader=loader, inventory=manager).get_vars(host=entry, include_hostvars=False)
-    return _Templated(loader, variables)
-
-
-class _Templated(dict):
-    """Host vars whose ``get``/``[]`` render Jinja templates (``ansible_host: "{{ ... }}"``)."""
-
-    def __init__(self, loader, variables):
-        super().__init__(variables)
-        self._loader = loader
-
-    def render(self, key, default=None):
-        if key not in self:
-            return default
-        value = dict.__getitem__(self, key)
-        if isinstance(value, str) and ("{{" in value or "{%" in value):
-            from ansible.template import Templar
-
-            try:
-                value = Templar(loader=self._loader, variables=dict(self)).template(value)
-            except Exception as exc:  # AnsibleError subclasses; the message names the variable
-                raise SlipwayError(f"cannot render inventory variable {key} ({type(exc).__name__}); "
-                                   "connection variables must not depend on vault secrets") from None
-        return value
-
-
 def _known_hosts_files(args: list[str]) -> list[str]:
     """The ``UserKnownHostsFile`` value(s) named by ``-o`` options in ssh argument strings."""
     found: list[str] = []
@@ -243,7 +177,7 @@ class LockHeld(SlipwayError):
         controller = meta.get("controller")
         if controller and controller != socket.gethostname():
             message += f" on {controller}"
-        super().__init__(message, exit_code=4)
+        super().__init__(message, exit_code=Exit.LOCK_HELD)
         self.host = host
         self.meta = meta
 
@@ -441,7 +375,7 @@ class DeployLock:
             raise SlipwayError(f"the deploy lock of {self.host} is already held by this run")
         self.conn = connect(self.host, self._params)
         try:
-            for attempt in range(10):
+            for _attempt in range(10):
                 if self._try_acquire():
                     break
                 info = lock_state(self.host, conn=self.conn, app_dir=self.app_dir)
@@ -526,7 +460,7 @@ class DeployLock:
             try:
                 chan.sendall(data)
                 return True
-            except Exception:  # paramiko SSHException, socket errors, EOFError
+            except Exception:  # noqa: BLE001 - paramiko SSHException, socket errors, EOFError
                 return False
 
     def _beat(self) -> None:

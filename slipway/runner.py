@@ -4,37 +4,20 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import signal
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from .errors import SlipwayError
-from .paths import INVENTORY, PLAYBOOKS, ROOT
-from .paths import import_module_utils
-from .playbook_guard import end_masters
-from .sandbox import Controller
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
-import_module_utils()
-from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text  # noqa: E402
+from . import inventory
+from .errors import SlipwayError
+from .paths import PLAYBOOKS
+from .playbook_guard import end_masters
 
 _FAILED_EVENTS = {"runner_on_failed", "runner_on_unreachable"}
-
-
-_IGNORED = (".md", ".txt", ".rst", ".example", ".orig", ".bak", "~")
-
-
-def inventories() -> list[str]:
-    """The user's inventory dir (when it holds an inventory file), plus the sandbox's generated
-    inventory when a sandbox is up."""
-    sources = []
-    if any(p.is_file() and not p.name.endswith(_IGNORED) for p in INVENTORY.glob("*")):
-        sources.append(str(INVENTORY))
-    ctl = Controller()
-    if ctl.inventory_file.exists():
-        sources.append(str(ctl.inventory_dir))
-    return sources
 
 
 def env_for_ansible() -> dict:
@@ -43,11 +26,7 @@ def env_for_ansible() -> dict:
     path = os.environ.get("PATH", "")
     if bindir not in path.split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + path
-    env = {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
-    ctl = Controller()
-    if "ANSIBLE_VAULT_PASSWORD_FILE" not in os.environ and ctl.vault_password_file.exists():
-        env["ANSIBLE_VAULT_PASSWORD_FILE"] = str(ctl.vault_password_file)
-    return env
+    return inventory.ansible_env()
 
 
 GUARD = Path(__file__).resolve().parent / "playbook_guard.py"
@@ -135,7 +114,7 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
         result = ansible_runner.run(
             private_data_dir=str(private),
             binary=str(GUARD),
-            inventory=inventories(),
+            inventory=inventory.sources(),
             extravars={"slipway_target": target, **(extravars or {})},
             envvars=envvars,
             cmdline=f"{shlex.quote(str(path))} --limit {shlex.quote(target)}" + (" --check" if check else ""),
@@ -168,23 +147,3 @@ def print_failures(result: dict, stream=None) -> None:
     for failure in result["failures"]:
         where = f"{failure['task']}: " if failure["task"] else ""
         print(f"{failure['host']:<14} FAILED     {where}{failure['msg']}", file=stream or sys.stdout)
-
-
-def resolve_target(target: str) -> list[str]:
-    """Hosts that ``target`` (host or group) names in the inventories, or a one-line error."""
-    from ansible.inventory.manager import InventoryManager
-    from ansible.parsing.dataloader import DataLoader
-
-    os.environ.setdefault("ANSIBLE_CONFIG", str(ROOT / "ansible.cfg"))
-    os.environ["ANSIBLE_HOST_PATTERN_MISMATCH"] = "ignore"
-    sources = inventories()
-    if not sources:
-        raise SlipwayError("no inventory: add inventory/<env>.yml (see examples/inventory/prod.yml) or run `invoke sandbox.up`")
-    manager = InventoryManager(loader=DataLoader(), sources=sources)
-    hosts = [h.name for h in manager.get_hosts(pattern=target)] if target else []
-    if not hosts:
-        groups = sorted(g for g in manager.groups if g not in ("all", "ungrouped"))
-        names = sorted(manager.hosts)
-        hint = "run `invoke sandbox.up` for the sandbox, or add it to inventory/" if not names else f"hosts: {', '.join(names)}; groups: {', '.join(groups)}"
-        raise SlipwayError(f"no host or group named {target!r} in the inventory ({hint})")
-    return hosts

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .runner import resolve_target, run_playbook
+from .inventory import resolve_target
+from .runner import run_playbook
 
 COLUMNS = ("host", "case", "ok", "expected", "got", "seconds")
 

@@ -41,11 +41,11 @@ def load(path: Path, password_file: Path) -> dict:
     try:
         blob = Path(path).read_bytes()
     except OSError as exc:
-        raise SlipwayError(f"cannot read the vault {path} ({exc.strerror}); re-run `invoke sandbox.up`")
+        raise SlipwayError(f"cannot read the vault {path} ({exc.strerror}); re-run `invoke sandbox.up`") from None
     try:
         data = yaml.safe_load(_lib(password_file).decrypt(blob))
-    except Exception as exc:  # AnsibleError subclasses: wrong password, corrupt file
-        raise SlipwayError(f"cannot decrypt {path}: {type(exc).__name__}; check the vault password file")
+    except Exception as exc:  # noqa: BLE001 - AnsibleError subclasses: wrong password, corrupt file
+        raise SlipwayError(f"cannot decrypt {path}: {type(exc).__name__}; check the vault password file") from None
     if not isinstance(data, dict):
         raise SlipwayError(f"{path} does not hold a mapping of variables; fix or remove it")
     return data
@@ -54,22 +54,21 @@ def load(path: Path, password_file: Path) -> dict:
 REQUIRED_SECRETS = ("slipway_db_password", "slipway_api_token")
 
 
-def check_hosts(hosts: list[str], required: tuple[str, ...] = REQUIRED_SECRETS) -> None:
+def check_hosts(hosts: list[str], required: tuple[str, ...] = REQUIRED_SECRETS) -> list[str]:
     """Before a run changes anything: the vault password is available and decrypts every vault
     file the hosts' variables come from, and each host has every secret. One-line SlipwayError
-    naming the cause and the fix; no secret is ever in it."""
+    naming the cause and the fix; no secret is ever in it. Returns the secrets' values, for
+    scrubbing whatever the run prints or writes."""
     import os
 
     from ansible.errors import AnsibleError
-    from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
     from ansible.template import Templar
     from ansible.vars.manager import VariableManager
 
-    from .runner import env_for_ansible, inventories
+    from . import inventory
 
-    env = env_for_ansible()
-    password_file = os.environ.get("ANSIBLE_VAULT_PASSWORD_FILE") or env.get("ANSIBLE_VAULT_PASSWORD_FILE")
+    password_file = inventory.vault_password_file()
     loader = DataLoader()
     if password_file:
         path = Path(password_file).expanduser()
@@ -88,8 +87,9 @@ def check_hosts(hosts: list[str], required: tuple[str, ...] = REQUIRED_SECRETS) 
         else:
             secret = _secret(path, "make it readable by this user")
         loader.set_vault_secrets([("default", secret)])
-    manager = InventoryManager(loader=loader, sources=inventories())
+    _, manager = inventory.manager(loader)
     variables = VariableManager(loader=loader, inventory=manager)
+    known: list[str] = []
     for host in hosts:
         entry = manager.get_host(host)
         try:
@@ -116,3 +116,5 @@ def check_hosts(hosts: list[str], required: tuple[str, ...] = REQUIRED_SECRETS) 
             if value in (None, ""):
                 raise SlipwayError(f"{host}: {key} is not set; put it in an ansible-vault file "
                                    f"host_vars/{host}/vault.yml (ansible-vault create) and export ANSIBLE_VAULT_PASSWORD_FILE")
+            known.append(str(value))
+    return known

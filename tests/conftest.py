@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-os.environ["SLIPWAY_SANDBOX_INSTANCE"] = "1"
-os.environ.pop("SLIPWAY_SANDBOX_DIR", None)
-sys.path.insert(0, str(ROOT))
+from slipway import sandbox as sb
 
-from slipway import sandbox as sb  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
+os.environ["SLIPWAY_SANDBOX_INSTANCE"] = "1"  # the sandbox reads it at call time
+os.environ.pop("SLIPWAY_SANDBOX_DIR", None)
+sb.register()  # in-process slipway calls (run_playbook, the deploy lock) find the sandbox's hosts
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 

@@ -118,8 +118,6 @@ def sandbox_instance(instance: str):
     old = os.environ.get("SLIPWAY_SANDBOX_INSTANCE")
     os.environ["SLIPWAY_SANDBOX_INSTANCE"] = instance
     try:
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
         from slipway import sandbox as sb
 
         yield sb

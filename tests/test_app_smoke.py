@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-
 from conftest import Outputs, cli, host_env, sb
 
 INSTANCE = {"SLIPWAY_SANDBOX_INSTANCE": "3"}

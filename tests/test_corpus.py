@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, cli
 from migtools import history, judge, schema_dump
+
 from slipway import migrations as mig
 
 CORPUS = ROOT.parent / "shared" / "corpus" / "drizzle"

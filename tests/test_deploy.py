@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from conftest import INVOKE, ROOT, Outputs, cli, host_env, sb
 
 INSTANCE = "6"
@@ -354,7 +353,7 @@ def test_migrations_run_once_per_database_in_a_group(hosts):
 
 
 def test_release_from_a_git_ref(hosts, tmp_path):
-    from slipway.sandbox import release_id
+    from slipway.release import release_id
 
     repo = tmp_path / "repo"
     shutil.copytree(sb.READER_APP, repo / "app", ignore=shutil.ignore_patterns("node_modules", ".env", "logs"))

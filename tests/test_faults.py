@@ -16,10 +16,10 @@ import shutil
 import signal
 import time
 
-import pytest
-
 import faults as F
+import pytest
 from conftest import Outputs
+
 from slipway.paths import READER_APP
 
 INSTANCE = "7"

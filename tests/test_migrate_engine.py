@@ -11,14 +11,25 @@ import subprocess
 import time
 
 import pytest
-
+from ansible_collections.slipway.core.plugins.module_utils import drizzle
 from conftest import INVOKE, ROOT, cli, sb
-from migtools import (MIGRATIONS, T0007, TAGS, add_entry, as_json, file_hash, folder_copy, history, incident_db,
-                      incident_with, judge, migrate, schema_dump, stats)
-from slipway.paths import import_module_utils
+from migtools import (
+    MIGRATIONS,
+    T0007,
+    TAGS,
+    add_entry,
+    as_json,
+    file_hash,
+    folder_copy,
+    history,
+    incident_db,
+    incident_with,
+    judge,
+    migrate,
+    schema_dump,
+    stats,
+)
 
-import_module_utils()
-from ansible_collections.slipway.core.plugins.module_utils import drizzle  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # the folder reader (no database)
@@ -108,7 +119,7 @@ def test_fresh_database_slipway_applies_all_and_drizzle_then_finds_nothing(pgc, 
 
     doc = as_json(migrate(pgc, db, MIGRATIONS, "--json", check=True))
     assert doc["applied_now"] == TAGS and doc["changed"] is True
-    expected = [(file_hash(MIGRATIONS, t), e["when"]) for t, e in zip(TAGS, json.loads((MIGRATIONS / "meta" / "_journal.json").read_text())["entries"])]
+    expected = [(file_hash(MIGRATIONS, t), e["when"]) for t, e in zip(TAGS, json.loads((MIGRATIONS / "meta" / "_journal.json").read_text())["entries"], strict=True)]
     assert history(pgc, db) == expected
 
     proc = judge(node_modules, pgc, db, MIGRATIONS)

@@ -12,7 +12,6 @@ import threading
 import time
 
 import psycopg
-
 from bigtable import grow_statistics
 from conftest import sb
 from migtools import MIGRATIONS, T0007, add_entry, as_json, folder_copy, history, incident_db, judge, migrate, schema_dump

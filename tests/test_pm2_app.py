@@ -23,7 +23,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import ROOT, Outputs, cli, host_env, sb
 
 from ansible_collections.slipway.core.plugins.module_utils.pm2 import (  # isort: skip (path set by conftest's sb)
@@ -165,7 +164,7 @@ class Load:
                 else:
                     status, body = sb.http_json("GET", f"{url}/api/health", timeout=10)
                     release = body.get("release") if isinstance(body, dict) else None
-            except Exception as exc:  # refused/reset/timeout: a failed request, counted by kind
+            except Exception as exc:  # noqa: BLE001 - refused/reset/timeout: a failed request, counted by kind
                 status, release = type(exc).__name__, None
             with self.lock:
                 self.counts[status] += 1

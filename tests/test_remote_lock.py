@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, cli, sb
 
 INSTANCE = "5"
@@ -100,8 +99,8 @@ def keeper_pids(uid: int) -> list[int]:
 
 HOLDER = textwrap.dedent("""\
     import os, sys, time
-    sys.path.insert(0, {root!r})
-    from slipway import remote
+    from slipway import remote, sandbox
+    sandbox.register()
     start, hold = float(sys.argv[1]), float(sys.argv[2])
     lock = remote.DeployLock("sandbox", sys.argv[3], "test holder")
     time.sleep(max(0.0, start - time.time()))

@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-
 from conftest import ROOT, Outputs, cli, host_env, sb
 
 MIGRATIONS = ROOT / "examples" / "reader-app" / "migrations"
@@ -90,7 +89,7 @@ def test_hosts_are_separate_real_hosts(sandbox2):
     hosts = list(sandbox2["hosts"].values())
     users = [pwd.getpwnam(h.user) for h in hosts]
     assert len({u.pw_uid for u in users}) == 2 and len({h.address for h in hosts}) == 2
-    for host, user in zip(hosts, users):
+    for host, user in zip(hosts, users, strict=True):
         assert host.address.startswith("127.0.0.")
         # no sudo: the user is in its own group only
         groups = subprocess.run(["id", "-Gn", host.user], capture_output=True, text=True, check=True).stdout.split()

@@ -24,12 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from slipway.errors import SlipwayError
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-import yaml  # noqa: E402
-
-from slipway.errors import SlipwayError  # noqa: E402
 
 VARIANT_FILE = "MOLECULE_VARIANT.txt"
 
@@ -38,7 +37,7 @@ def write_vars(out: str, run_id: str, variant: str | None) -> None:
     from slipway import release
     from slipway.deploy import deploy_extravars
     from slipway.paths import READER_APP
-    from slipway.sandbox import app_files
+    from slipway.release import app_files
 
     spec = None
     if variant:
@@ -82,7 +81,9 @@ def lock_hold(host: str, run_id: str, pidfile: str, logfile: str) -> None:
     status = 0
     try:
         from slipway.remote import DeployLock
+        from slipway.sandbox import register
 
+        register()  # the lock reads the host's connection settings from the sandbox's inventory
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
         signal.signal(signal.SIGINT, lambda *_: stop.append(1))

@@ -1,0 +1,73 @@
+"""`invoke demo`: the incident end to end on a sandbox host, as the runbook met it."""
+from __future__ import annotations
+
+import json as jsonlib
+
+from .. import vault
+from ..deploy import deploy as run_deploy
+from ..errors import SlipwayError
+from . import ops, processes
+from .controller import Controller
+from .data import INCIDENT_BOOK, UNIQUE_CONSTRAINT, connect, journal_entries
+
+
+def run() -> None:
+    """The incident end to end on the sandbox: the 500, its diagnosis, `invoke deploy`, the 200 with every view kept."""
+    print("== 1. a production-like host where migration 0007 never ran")
+    ops.up(1, "incident")
+    ctl = Controller()
+    host = ops.find_host("sandbox", ctl)
+    creds = vault.load(ctl.vault_file(host.name), ctl.vault_password_file)
+    url = f"{host.app_url}/api/books/{INCIDENT_BOOK}/track-view"
+
+    def post():
+        status, body = processes.http_json("POST", url, {"viewType": "card_view"}, token=creds["slipway_api_token"])
+        print(f"   POST {url}  {{\"viewType\": \"card_view\"}}\n   HTTP {status} {jsonlib.dumps(body)}")
+        return status
+
+    def book_rows():
+        with connect(host, creds["slipway_db_password"]) as conn:
+            return conn.execute(
+                "SELECT view_type, count(*), sum(view_count) FROM book_view_statistics WHERE book_id = %s "
+                "GROUP BY view_type ORDER BY view_type", (INCIDENT_BOOK,)).fetchall()
+
+    def show_rows(rows):
+        for view_type, n, total in rows:
+            print(f"   {view_type:<12} rows {n}  view_count total {total}")
+
+    print("\n== 2. the production failure")
+    before_status = post()
+    print("\n== 3. what the runbook found")
+    try:
+        line = processes.wait_for_line(host.pg_log, " 42P10 booksuser@booksdb ERROR:", timeout=10)
+    except SlipwayError:
+        line = "(no 42P10 line)"
+    print(f"   PostgreSQL log: {line.split('ERROR:', 1)[-1].strip()}")
+    with connect(host, creds["slipway_db_password"]) as conn:
+        applied = conn.execute("SELECT count(*) FROM drizzle.__drizzle_migrations").fetchone()[0]
+        has = conn.execute("SELECT count(*) FROM pg_constraint WHERE conname = %s", (UNIQUE_CONSTRAINT,)).fetchone()[0]
+    journal = journal_entries()
+    print(f"   drizzle.__drizzle_migrations: {applied} rows; the journal has {len(journal)} migrations "
+          f"-> pending: {journal[-1]['tag']}")
+    print(f"   constraint {UNIQUE_CONSTRAINT}: {'present' if has else 'MISSING'}")
+    print(f"   statistics of book {INCIDENT_BOOK} (duplicate rows block the constraint):")
+    rows_before = book_rows()
+    show_rows(rows_before)
+
+    print("\n== 4. invoke deploy --host sandbox  (preflight, backup, release, migrations, reload, smoke)")
+    code = run_deploy("sandbox")
+    if code:
+        raise SlipwayError(f"the deploy failed (exit {code}); see the lines above", exit_code=code)
+
+    print("\n== 5. after the deploy")
+    after_status = post()
+    rows_after = book_rows()
+    show_rows(rows_after)
+    total_before = sum(int(t) for vt, _, t in rows_before if vt == "card_view")
+    total_after = sum(int(t) for vt, _, t in rows_after if vt == "card_view")
+    print(f"   card_view: {total_before} views before the deploy + 1 new = {total_after}; one row per view type")
+    print("\nThe sandbox stays up: `eval \"$(.venv/bin/invoke sandbox.env)\"` then curl it; "
+          "`.venv/bin/invoke deploy --host sandbox` again changes nothing; `.venv/bin/invoke sandbox.down` removes it.")
+    if before_status != 500 or after_status != 200 or total_after != total_before + 1:
+        raise SlipwayError(f"expected 500 then 200 with {total_before + 1} views, got {before_status}, {after_status}, "
+                           f"{total_after}; see the lines above")
