@@ -6,9 +6,10 @@ import json as jsonlib
 from .. import vault
 from ..deploy import deploy as run_deploy
 from ..errors import SlipwayError
-from . import ops, processes
+from . import ops
 from .controller import Controller
 from .data import INCIDENT_BOOK, UNIQUE_CONSTRAINT, connect, journal_entries
+from .processes import http_json, wait_for_line
 
 
 def run() -> None:
@@ -21,7 +22,7 @@ def run() -> None:
     url = f"{host.app_url}/api/books/{INCIDENT_BOOK}/track-view"
 
     def post():
-        status, body = processes.http_json("POST", url, {"viewType": "card_view"}, token=creds["slipway_api_token"])
+        status, body = http_json("POST", url, {"viewType": "card_view"}, token=creds["slipway_api_token"])
         print(f"   POST {url}  {{\"viewType\": \"card_view\"}}\n   HTTP {status} {jsonlib.dumps(body)}")
         return status
 
@@ -39,7 +40,7 @@ def run() -> None:
     before_status = post()
     print("\n== 3. what the runbook found")
     try:
-        line = processes.wait_for_line(host.pg_log, " 42P10 booksuser@booksdb ERROR:", timeout=10)
+        line = wait_for_line(host.pg_log, " 42P10 booksuser@booksdb ERROR:", timeout=10)
     except SlipwayError:
         line = "(no 42P10 line)"
     print(f"   PostgreSQL log: {line.split('ERROR:', 1)[-1].strip()}")
