@@ -21,11 +21,36 @@ from pathlib import Path
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text
 
 from .errors import Exit, SlipwayError
+from .paths import PLAYBOOKS
 
-PHASES = ("preflight", "db_backup", "app_release", "db_migrate", "pm2_app", "smoke_test")
 _TASK_EVENTS = {"runner_on_ok", "runner_on_failed", "runner_on_skipped", "runner_on_unreachable"}
-RESCUE_START = "Record the failure"
-RESCUE_END = "Keep a record of this deploy on the host"
+RESCUE = "rescue"  # the role playbooks/deploy.yml runs in its block's rescue: (roles/rescue)
+
+
+def playbook_phases(playbook: Path = PLAYBOOKS / "deploy.yml") -> tuple[str, ...]:
+    """The deploy's phases: the roles ``playbook`` imports, in the order it runs them (a phase's
+    name is its role's name), the rescue aside."""
+    import yaml
+
+    names: list[str] = []
+
+    def walk(items):
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict):
+                continue
+            if "role" in item:
+                names.append(item["role"])
+            for action in ("ansible.builtin.import_role", "ansible.builtin.include_role"):
+                if isinstance(item.get(action), dict):
+                    names.append(item[action]["name"])
+            for key in ("roles", "tasks", "block", "rescue", "always"):
+                walk(item.get(key))
+
+    walk(yaml.safe_load(playbook.read_text()))
+    return tuple(n for n in dict.fromkeys(names) if n != RESCUE)
+
+
+PHASES = playbook_phases()
 
 
 def deploy_extravars(run_id: str, built, runtime: tuple) -> dict:
@@ -69,10 +94,12 @@ class PhaseTracker:
         kind = event.get("event")
         data = event.get("event_data") or {}
         if kind == "playbook_on_task_start":
-            task = data.get("task", "")
-            if task == RESCUE_START:
+            # the rescue role's tasks and the roles it includes count as the phase "rescue",
+            # until the first task of no role (the block's always:)
+            role = data.get("role") or ""
+            if role == RESCUE:
                 self.rescue = True
-            elif task == RESCUE_END:
+            elif not role:
                 self.rescue = False
             return
         if kind not in _TASK_EVENTS and kind != "runner_on_start":

@@ -18,15 +18,16 @@ import json
 import shlex
 from datetime import datetime, timezone
 
+from ansible_collections.slipway.core.plugins.module_utils import layout
+
 from .errors import SlipwayError
 
 PHASE_OF = {"backup": "db_backup", "switched": "app_release", "migrations": "db_migrate", "pm2": "pm2_app"}
 
 
 def _files(app_dir: str, run_id: str) -> dict:
-    base = app_dir.rstrip("/")
-    return {"journal": f"{base}/.slipway/runs/{run_id}.jsonl", "records": f"{base}/.slipway/deploys.jsonl",
-            "current": f"{base}/current"}
+    return {"journal": layout.run_journal(app_dir, run_id), "records": layout.deploys_file(app_dir),
+            "current": layout.current_link(app_dir)}
 
 
 def _lines(text: str) -> list[dict]:

@@ -49,6 +49,14 @@ def _parents():
     return out
 
 
+def _sigkill(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_descendants():
     """SIGKILL every descendant of this process, until none is left. Ansible's workers start
     sessions of their own and ssh's ControlPersist master daemonizes, so a process group does not
@@ -64,11 +72,7 @@ def kill_descendants():
                     mine.add(pid)
                     grew = True
         mine.discard(me)
-        for pid in mine:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _sigkill(mine)
         while True:  # reap what was killed (orphans are re-parented to this subreaper)
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -93,11 +97,7 @@ def main(argv):
         # no exception here: a second signal (SIGTERM from the kernel and SIGHUP from the pty
         # arrive together when invoke dies) must not cut the cleanup below short
         stopping.append(signum)
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _sigkill(children)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)

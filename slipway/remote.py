@@ -25,6 +25,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from ansible_collections.slipway.core.plugins.module_utils import layout
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
 from .errors import Exit, SlipwayError
@@ -201,17 +202,17 @@ umask 077
 starttime() { s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0; s=${s##*\\) }; set -- $s; printf %s "${20}"; }
 live() { [ -n "$2" ] && [ "$(starttime "$1")" = "$2" ]; }
 stop_run() {
-  : > "$dir/run.closing"
-  for f in "$dir"/run/*; do
+  : > "$dir/@CLOSING@"
+  for f in "$dir"/@RUN_DIR@/*; do
     case $f in *.tmp|*'*') continue;; esac
     p=${f##*/}; if live "$p" "$(cat "$f" 2>/dev/null)"; then kill -TERM "$p" 2>/dev/null; else rm -f "$f"; fi
   done
-  exec 8>>"$dir/commit.lock"
+  exec 8>>"$dir/@COMMIT_LOCK@"
   flock -x -w "$1" 8
   end=$((SECONDS + $1))
   while :; do
     left=0
-    for f in "$dir"/run/*; do
+    for f in "$dir"/@RUN_DIR@/*; do
       case $f in *.tmp|*'*') continue;; esac
       p=${f##*/}; st=$(cat "$f" 2>/dev/null)
       if live "$p" "$st"; then
@@ -224,35 +225,37 @@ stop_run() {
   exec 8>&-
 }
 journal() {
-  mkdir -p -m 0700 "$dir/runs" && printf '{"at": "%s", "event": "%s", "pid": %s}\\n' \
-    "$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)" "$1" "$$" >> "$dir/runs/$run.jsonl"
+  mkdir -p -m 0700 "$dir/@RUNS_DIR@" && printf '{"at": "%s", "event": "%s", "pid": %s}\\n' \
+    "$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)" "$1" "$$" >> "$dir/@RUNS_DIR@/$run@JOURNAL_SUFFIX@"
 }
 if [ -e "$meta" ]; then printf 'STALE %s\\n' "$(tr -d '\\n' < "$meta")"; fi
 stop_run "$4"
-rm -f "$dir/run.closing"
+rm -f "$dir/@CLOSING@"
 # journals of the newest 100 runs are kept
-ls -1t "$dir/runs" 2>/dev/null | tail -n +101 | while read -r f; do rm -f "$dir/runs/$f"; done
+ls -1t "$dir/@RUNS_DIR@" 2>/dev/null | tail -n +101 | while read -r f; do rm -f "$dir/@RUNS_DIR@/$f"; done
 if ! { printf '{"keeper_pid": %s, %s\\n' "$$" "${2#?}" > "$tmp" && chmod 0600 "$tmp" && mv -f "$tmp" "$meta"; }; then
   rm -f "$tmp"; echo "ERROR cannot write $meta"; exit 70
 fi
 echo ACQUIRED
 while read -r -t "$3" line; do
   case $line in
-    RELEASE) stop_run "$4"; rm -f "$meta" "$dir/run.closing"; echo RELEASED; exit 0;;
+    RELEASE) stop_run "$4"; rm -f "$meta" "$dir/@CLOSING@"; echo RELEASED; exit 0;;
     STOP) stop_run "$4"; echo STOPPED;;
   esac
 done
 stop_run "$4"
 journal lost
-rm -f "$dir/run.closing"
+rm -f "$dir/@CLOSING@"
 exit 0
 """
+for _name, _value in (("@CLOSING@", layout.CLOSING), ("@RUN_DIR@", layout.RUN_DIR), ("@RUNS_DIR@", layout.RUNS_DIR),
+                      ("@COMMIT_LOCK@", layout.COMMIT_LOCK), ("@JOURNAL_SUFFIX@", layout.JOURNAL_SUFFIX)):
+    KEEPER = KEEPER.replace(_name, _value)  # the host-side names from module_utils/layout.py
 
 
 def lock_paths(app_dir: str) -> tuple[str, str, str]:
     """(dir, lock file, metadata file) of the deploy lock under ``app_dir``."""
-    directory = app_dir.rstrip("/") + "/.slipway"
-    return directory, directory + "/deploy.lock", directory + "/deploy.lock.json"
+    return layout.lock_paths(app_dir)
 
 
 def _app_dir(host: str, hv=None) -> str:

@@ -27,13 +27,14 @@ import random
 import time
 import zlib
 
+from ansible_collections.slipway.core.plugins.module_utils import postgres as pg
+from ansible_collections.slipway.core.plugins.module_utils import statements as stmts
 from ansible_collections.slipway.core.plugins.module_utils.drizzle import (
     MigrationError,
     classify,
     counts,
 )
-from ansible_collections.slipway.core.plugins.module_utils import statements as stmts
-from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
+from ansible_collections.slipway.core.plugins.module_utils.oneline import one_line
 
 __metaclass__ = type
 
@@ -86,18 +87,14 @@ def _ms(start):
     return round((time.monotonic() - start) * 1000.0, 1)
 
 
-def _one_line(text):
-    return " ".join(str(text).split())
-
-
 def error_detail(tag, number, exc):
     """tag / statement / SQLSTATE / message of a database error, as data and as one line."""
     state = getattr(exc, "sqlstate", None)
     diag = getattr(exc, "diag", None)
     message = (diag.message_primary if diag is not None and diag.message_primary else str(exc)).strip()
-    detail = {"tag": tag, "statement": number, "sqlstate": state, "message": _one_line(message)}
+    detail = {"tag": tag, "statement": number, "sqlstate": state, "message": one_line(message)}
     if diag is not None and diag.message_detail:
-        detail["detail"] = _one_line(diag.message_detail)
+        detail["detail"] = one_line(diag.message_detail)
     return detail
 
 
@@ -112,27 +109,14 @@ def describe_failure(detail):
 # Connection and tracking table
 # --------------------------------------------------------------------------------------------
 def connect(dsn=None, connect_timeout=10, **params):
-    """A psycopg connection (autocommit) from a DSN/URL and/or keyword parameters; application_name
-    is ``slipway``. Errors become one-line MigrationError without the password."""
-    if not HAS_PSYCOPG:
-        raise MigrationError("psycopg 3 is not installed for %s; pip install 'psycopg[binary]'" % _python())
-    kwargs = {k: v for k, v in params.items() if v not in (None, "")}
-    kwargs.setdefault("application_name", "slipway")
+    """``postgres.connect`` (the one door to PostgreSQL), failing with a MigrationError."""
     try:
-        return psycopg.connect(dsn or "", autocommit=True, connect_timeout=connect_timeout, **kwargs)
-    except psycopg.Error as exc:
-        message = redact_text(_one_line(str(exc)) or type(exc).__name__, known=(kwargs.get("password"), dsn_password(dsn)))
-        raise MigrationError("cannot connect to PostgreSQL: %s; check the DSN, the server and pg_hba.conf" % message)
+        return pg.connect(dsn, connect_timeout, **params)
+    except pg.ConnectError as exc:
+        raise MigrationError(str(exc))
 
 
-def dsn_password(dsn):
-    """The password inside a DSN/URL (to mask it in messages), or None."""
-    if not dsn or not HAS_PSYCOPG:
-        return None
-    try:
-        return psycopg.conninfo.conninfo_to_dict(dsn).get("password")
-    except psycopg.Error:
-        return None
+dsn_password = pg.dsn_password
 
 
 def _python():
@@ -192,7 +176,7 @@ def analyse_statement(text):
     try:
         raws = pglast.parse_sql(text)
     except pglast.parser.ParseError as exc:  # PostgreSQL would refuse it too: the rehearsal says how
-        return {"parsed": False, "error": _one_line(str(exc)), "ops": []}
+        return {"parsed": False, "error": one_line(str(exc)), "ops": []}
     ops = []
     for raw in raws or ():
         stmt = raw.stmt
@@ -412,7 +396,7 @@ def _count(conn, op, relation):
                 return count_duplicates(conn, op, relation), None
             return {"null_rows": count_nulls(conn, op, relation)}, None
     except psycopg.Error as exc:
-        return None, "%s %s" % (getattr(exc, "sqlstate", None) or "-", _one_line(getattr(exc.diag, "message_primary", None) or exc))
+        return None, "%s %s" % (getattr(exc, "sqlstate", None) or "-", one_line(getattr(exc.diag, "message_primary", None) or exc))
 
 
 def _recount(conn, check):
@@ -1236,7 +1220,7 @@ class Engine:
                 self._drop_index(found[0])
         except psycopg.Error as exc:
             return ("the INVALID index %s it left could not be dropped (%s %s): drop it with DROP INDEX CONCURRENTLY, "
-                    "or run again (the next run drops it)" % (build["index"], exc.sqlstate or "-", _one_line(str(exc))))
+                    "or run again (the next run drops it)" % (build["index"], exc.sqlstate or "-", one_line(str(exc))))
         return None
 
     def _build_failed(self, build, plan, state, message, detail=None, invalid_left=False):
@@ -1259,7 +1243,7 @@ class Engine:
             except psycopg.Error as exc:  # the next run finds the index (and adopts or drops it)
                 plan["builds"].append({"statement": _item_label(build), "index": build["index"], "result": "left",
                                        "note": "built before the transaction, which failed; it could not be dropped "
-                                               "(%s %s)" % (exc.sqlstate or "-", _one_line(str(exc)))})
+                                               "(%s %s)" % (exc.sqlstate or "-", one_line(str(exc)))})
 
 
 REHEARSE_AS_WRITTEN_ROWS = 10000  # below this, a rehearsal builds an index as written instead of counting
@@ -1267,15 +1251,14 @@ RETRY_STATES = ("55P03", "40P01", "40001")  # lock_not_available, deadlock_detec
 
 
 def _first_words(text, width=80):
-    line = " ".join(text.split())
-    return line if len(line) <= width else line[: width - 1] + "…"
+    return one_line(text, width, ellipsis="…")
 
 
 def _db_error(stage, exc, committed=None):
     """A database error outside the migration statements (reading history, counting duplicates)."""
     done = ("; committed before it: " + "; ".join(committed)) if committed else ", nothing changed"
     return MigrationError("%s failed%s: %s %s; check the role's privileges and the tracking table"
-                          % (stage, done, getattr(exc, "sqlstate", None) or "-", _one_line(str(exc))))
+                          % (stage, done, getattr(exc, "sqlstate", None) or "-", one_line(str(exc))))
 
 
 def _public(plan):

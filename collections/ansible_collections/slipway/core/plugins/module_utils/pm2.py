@@ -46,6 +46,11 @@ _ENV_FIELDS = (
 DUMP_FILES = ("dump.pm2", "dump.pm2.bak")
 
 
+def default_home():
+    """PM2's own default PM2_HOME: ``~/.pm2`` of the user running the module."""
+    return os.path.join(os.path.expanduser("~"), ".pm2")
+
+
 def daemon_pid(pm2_home):
     """PID of the PM2 daemon for ``pm2_home`` if it is alive, else None (starts nothing)."""
     try:

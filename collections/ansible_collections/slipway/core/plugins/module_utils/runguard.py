@@ -1,5 +1,6 @@
 # -*- coding: utf-8 -*-
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# Copyright: slipway developers
+# MIT License
 """The deploy run's guard on the host: a slipway module that changes something acts only while its
 run holds the host's deploy lock, stops when the run is stopped, and journals what it changed.
 
@@ -36,6 +37,8 @@ import json
 import os
 import signal
 import threading
+
+from ansible_collections.slipway.core.plugins.module_utils import layout
 
 ENV_RUN_ID = "SLIPWAY_RUN_ID"
 ENV_STATE_DIR = "SLIPWAY_STATE_DIR"
@@ -97,13 +100,13 @@ class Guard:
         """Why this run does not hold the lock (one line), or None while it does."""
         if not self.active:
             return None
-        if os.path.exists(self._path("run.closing")):
+        if os.path.exists(self._path(layout.CLOSING)):
             return "the run is being stopped"
         try:
-            with open(self._path("deploy.lock.json")) as handle:
+            with open(self._path(layout.LOCK_META)) as handle:
                 meta = json.load(handle)
         except (OSError, IOError, ValueError):
-            return "the deploy lock's metadata %s is missing or unreadable" % self._path("deploy.lock.json")
+            return "the deploy lock's metadata %s is missing or unreadable" % self._path(layout.LOCK_META)
         if not isinstance(meta, dict) or meta.get("run_id") != self.run_id:
             return "the deploy lock is held by run %s, not this run %s" % (
                 (meta or {}).get("run_id") if isinstance(meta, dict) else "?", self.run_id)
@@ -117,7 +120,7 @@ class Guard:
         """Register, check, arm. Raises LockLost (nothing changed) when the run does not hold the lock."""
         if not self.active:
             return self
-        run_dir = self._path("run")
+        run_dir = self._path(layout.RUN_DIR)
         if not os.path.isdir(run_dir):
             os.mkdir(run_dir, 0o700)
         pid = os.getpid()
@@ -179,7 +182,7 @@ class Guard:
         if not self.active:
             yield
             return
-        fd = os.open(self._path("commit.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self._path(layout.COMMIT_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             with self.deferred():
@@ -194,11 +197,11 @@ class Guard:
         """Append one journal line (what this run changed) under <state_dir>/runs/."""
         if not self.active:
             return
-        runs = self._path("runs")
+        runs = self._path(layout.RUNS_DIR)
         if not os.path.isdir(runs):
             os.mkdir(runs, 0o700)
         line = json.dumps(dict(event=event, at=now_iso(), pid=os.getpid(), **data), sort_keys=True) + "\n"
-        fd = os.open(os.path.join(runs, self.run_id + ".jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(os.path.join(runs, layout.journal_name(self.run_id)), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line.encode("utf-8"))
             os.fsync(fd)

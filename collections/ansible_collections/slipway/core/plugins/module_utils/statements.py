@@ -17,6 +17,8 @@ from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
+from ansible_collections.slipway.core.plugins.module_utils.oneline import one_line
+
 try:
     import pglast
     from pglast import ast as pgast
@@ -109,7 +111,7 @@ def split_chunk(text):
         raws = pglast.parse_sql(text) or ()
         texts = pglast.split(text, with_parser=True) if raws else ()
     except pglast.parser.ParseError as exc:
-        return {"parsed": False, "error": " ".join(str(exc).split()), "statements": []}
+        return {"parsed": False, "error": one_line(str(exc)), "statements": []}
     out = []
     for raw, piece in zip(raws, texts):
         word = _txn_word(raw.stmt) if isinstance(raw.stmt, pgast.TransactionStmt) else None

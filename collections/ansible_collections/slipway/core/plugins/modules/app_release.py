@@ -107,23 +107,23 @@ import tarfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.slipway.core.plugins.module_utils import runguard
+from ansible_collections.slipway.core.plugins.module_utils import layout, runguard
+from ansible_collections.slipway.core.plugins.module_utils.oneline import one_line
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
-MARKER = ".slipway-built"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def installed(releases_dir, rid):
     try:
-        with open(os.path.join(releases_dir, rid, MARKER)) as handle:
+        with open(layout.built_marker(os.path.join(releases_dir, rid))) as handle:
             return handle.read().strip() == rid
     except OSError:
         return False
 
 
 def current_release(app_dir):
-    link = os.path.join(app_dir, "current")
+    link = layout.current_link(app_dir)
     if not os.path.islink(link):
         return None
     return os.path.basename(os.readlink(link).rstrip("/"))
@@ -135,17 +135,17 @@ def installed_releases(releases_dir):
     for name in os.listdir(releases_dir) if os.path.isdir(releases_dir) else []:
         if name.startswith(".") or not installed(releases_dir, name):
             continue
-        found.append((os.path.getmtime(os.path.join(releases_dir, name, MARKER)), name))
+        found.append((os.path.getmtime(layout.built_marker(os.path.join(releases_dir, name))), name))
     return [name for _, name in sorted(found, reverse=True)]
 
 
 def switch(app_dir, rid):
     """Point current at releases/<rid>: a new symlink renamed over the old one (atomic)."""
-    link = os.path.join(app_dir, "current")
-    tmp = os.path.join(app_dir, ".current.%d.tmp" % os.getpid())
+    link = layout.current_link(app_dir)
+    tmp = os.path.join(app_dir, layout.current_tmp_name(os.getpid()))
     if os.path.lexists(tmp):
         os.unlink(tmp)
-    os.symlink("releases/" + rid, tmp)
+    os.symlink(layout.current_target(rid), tmp)
     os.rename(tmp, link)
 
 
@@ -171,13 +171,13 @@ def safe_extract(archive, dest):
 
 
 def install(module, app_dir, rid, archive):
-    releases_dir = os.path.join(app_dir, "releases")
+    releases_dir = layout.releases_dir(app_dir)
     final = os.path.join(releases_dir, rid)
     if os.path.lexists(final):
         # an incomplete directory under the final name (made by hand or by an old tool): keep it aside
-        aside = os.path.join(releases_dir, ".%s.incomplete.%d" % (rid, int(time.time())))
+        aside = os.path.join(releases_dir, layout.aside_name(rid, int(time.time())))
         os.rename(final, aside)
-    tmp = os.path.join(releases_dir, ".%s.tmp" % rid)
+    tmp = os.path.join(releases_dir, layout.staging_name(rid))
     if os.path.lexists(tmp):
         shutil.rmtree(tmp)
     os.mkdir(tmp, 0o755)
@@ -196,10 +196,10 @@ def install(module, app_dir, rid, archive):
             proc = subprocess.run(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   universal_newlines=True, timeout=900)
             if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                tail = one_line(proc.stderr or proc.stdout, pick=3)
                 raise RuntimeError("%s failed in the new release (exit %d): %s" % (" ".join(cmd), proc.returncode,
-                                                                                   redact_text(" | ".join(tail))))
-        with open(os.path.join(tmp, MARKER), "w") as handle:
+                                                                                   redact_text(tail)))
+        with open(layout.built_marker(tmp), "w") as handle:
             handle.write(rid + "\n")
         os.rename(tmp, final)
     except BaseException:
@@ -213,7 +213,7 @@ def main():
             app_dir=dict(type="path", required=True),
             release=dict(type="str", required=True),
             archive=dict(type="path"),
-            shared=dict(type="dict", default={".env": "../../shared/.env", "logs": "../../logs"}),
+            shared=dict(type="dict", default=dict(layout.SHARED_LINKS)),
             npm_command=dict(type="list", elements="str",
                              default=["npm", "ci", "--omit=dev", "--no-audit", "--no-fund", "--loglevel=error"]),
             keep=dict(type="int", default=5),
@@ -223,7 +223,7 @@ def main():
     )
     p = module.params
     app_dir, rid = p["app_dir"], p["release"]
-    releases_dir = os.path.join(app_dir, "releases")
+    releases_dir = layout.releases_dir(app_dir)
     if not _ID.match(rid):
         module.fail_json(msg="release id %r is not a plain directory name; pass the id slipway printed (e.g. r311a8fb8289c)" % rid)
     if p["keep"] < 2:
@@ -251,7 +251,7 @@ def main():
         guard = runguard.from_env()  # inactive outside a deploy run
         try:
             guard.start()
-            for sub, mode in (("releases", 0o755), ("shared", 0o750), ("logs", 0o750)):
+            for sub, mode in layout.APP_DIRS:
                 path = os.path.join(app_dir, sub)
                 if not os.path.isdir(path):
                     os.mkdir(path, mode)
@@ -290,7 +290,7 @@ def main():
             shutil.rmtree(os.path.join(releases_dir, name), ignore_errors=True)
         # leftovers of interrupted installs (never a complete release)
         for name in os.listdir(releases_dir):
-            if name.startswith(".") and name.endswith(".tmp"):
+            if layout.is_staging(name):
                 shutil.rmtree(os.path.join(releases_dir, name), ignore_errors=True)
     result["pruned"] = doomed
     result["releases"] = [r for r in listed if r not in doomed]

@@ -158,12 +158,13 @@ import json
 import re
 import threading
 import time
-from urllib.error import HTTPError, URLError
-from urllib.request import ProxyHandler, Request, build_opener
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.six.moves.urllib.error import URLError
+from ansible_collections.slipway.core.plugins.module_utils import postgres
+from ansible_collections.slipway.core.plugins.module_utils.http_client import HttpClient
+from ansible_collections.slipway.core.plugins.module_utils.oneline import ELLIPSIS, one_line
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
-from ansible_collections.slipway.core.plugins.module_utils.postgres import postgres_argument_spec
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 MISSING = "<missing>"
@@ -189,8 +190,8 @@ class Smoke(object):
         p = module.params
         self.p = p
         self.base = p["url"].rstrip("/")
-        self.secrets = [s for s in (p["token"], p["login_password"]) if s]
-        self.opener = build_opener(ProxyHandler({}))  # the app is local to the host: never via a proxy
+        self.secrets = [s for s in (p["token"],) if s] + postgres.secrets(p)
+        self.client = HttpClient(p["timeout"])  # the app is local to the host: never via a proxy
         self.book = p["book_id"]
         self.cases = []
 
@@ -202,37 +203,19 @@ class Smoke(object):
     def http(self, method, path, body=None, auth=True):
         """(status, parsed JSON or None, text) of one request; Unreachable when no answer came."""
         url = self.base + path
-        data = json.dumps(body).encode("utf-8") if body is not None else None
-        req = Request(url, data=data, method=method.upper())
-        req.add_header("Accept", "application/json")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
+        headers = {"Accept": "application/json"}
         if auth:
-            req.add_header("Authorization", "Bearer " + self.p["token"])
+            headers["Authorization"] = "Bearer " + self.p["token"]
         try:
-            resp = self.opener.open(req, timeout=self.p["timeout"])
-            try:
-                status, raw = resp.getcode(), resp.read()
-            finally:
-                resp.close()
-        except HTTPError as exc:
-            status, raw = exc.code, exc.read()
+            status, text, doc = self.client.request(url, method, body, headers)
         except URLError as exc:
             raise Unreachable("%s %s: %s" % (method.upper(), url, getattr(exc.reason, "strerror", None) or exc.reason))
         except Exception as exc:  # noqa: BLE001 - timeouts, resets: one line, no traceback
             raise Unreachable("%s %s: %s" % (method.upper(), url, exc or type(exc).__name__))
-        text = raw.decode("utf-8", "replace")
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            doc = None
         return status, doc, text
 
     def show(self, status, text):
-        text = " ".join(text.split())
-        if len(text) > BODY_CHARS:
-            text = text[:BODY_CHARS] + "..."
-        return self.clean("HTTP %s %s" % (status, text)).strip()
+        return self.clean("HTTP %s %s" % (status, one_line(text, BODY_CHARS + len(ELLIPSIS)))).strip()
 
     def track(self, view_type):
         status, _, text = self.http("POST", "/api/books/%s/track-view" % self.book, {"viewType": view_type})
@@ -258,24 +241,16 @@ class Smoke(object):
     def psql(self, sql, **variables):
         """Run ``sql`` (psql variables :'name' for values) and return stdout rows split on tabs."""
         p = self.p
-        cmd = [self.module.get_bin_path(p["psql_bin"], required=True), "-X", "-q", "-A", "-t", "-F", "\t",
-               "-v", "ON_ERROR_STOP=1", "-d", p["login_db"]]
-        if p["login_host"]:
-            cmd += ["-h", p["login_host"]]
-        if p["login_port"]:
-            cmd += ["-p", str(p["login_port"])]
-        if p["login_user"]:
-            cmd += ["-U", p["login_user"]]
+        options = ["-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1"]
         for name, value in sorted(variables.items()):
-            cmd += ["-v", "%s=%s" % (name, value)]
-        env = {"PGCONNECT_TIMEOUT": str(max(1, p["connect_timeout"])), "PGAPPNAME": "slipway-smoke"}
-        if p["login_password"]:
-            env["PGPASSWORD"] = p["login_password"]
+            options += ["-v", "%s=%s" % (name, value)]
+        cmd = postgres.client_argv(self.module.get_bin_path(p["psql_bin"], required=True), p, options)
+        env = postgres.client_env(p, connect_timeout=max(1, p["connect_timeout"]))
+        env["PGAPPNAME"] = "slipway-smoke"
         rc, out, err = self.module.run_command(cmd, data=sql, environ_update=env)
         if rc != 0:
-            lines = self.clean(err or out).strip().splitlines() or ["rc=%d" % rc]
-            raise Abort("psql failed on %s:%s/%s: %s" % (p["login_host"] or "local socket", p["login_port"],
-                                                         p["login_db"], lines[0]))
+            raise Abort("psql failed on %s: %s" % (postgres.where(p), one_line(self.clean(err or out), pick="first",
+                                                                              default="rc=%d" % rc)))
         return [line.split("\t") for line in out.splitlines() if line.strip()]
 
     def rows(self):
@@ -290,18 +265,13 @@ class Smoke(object):
         self.psql("DELETE FROM book_view_statistics WHERE book_id = :'book';", book=self.book)
 
     # -- cases --------------------------------------------------------------------------------
-    def record(self, name, started, expected, got):
-        ok = all(e == g for e, g in zip(expected, got)) and len(expected) == len(got)
-        case = dict(name=name, ok=ok, expected=self.clean("; ".join(str(e) for e in expected)),
-                    got=self.clean("; ".join(str(g) for g in got)), seconds=round(time.time() - started, 3))
-        self.cases.append(case)
+    def record(self, name, ok, expected, got, started=None):
+        """The one way a case enters the results: ``ok`` True/False (None: not run), ``expected``
+        and ``got`` as lists of parts (shown joined by ``; ``) or as one text, redacted, and the
+        seconds since ``started`` (0 for a case that did not run)."""
+        self.cases.append(dict(name=name, ok=ok, expected=self.clean(joined(expected)), got=self.clean(joined(got)),
+                               seconds=round(time.time() - started, 3) if started is not None else 0.0))
         return ok
-
-    def fail_post(self, name, started, expected, status, text):
-        case = dict(name=name, ok=False, expected="; ".join(str(e) for e in expected),
-                    got=self.show(status, text), seconds=round(time.time() - started, 3))
-        self.cases.append(case)
-        return False
 
     def counts(self, view_types):
         """Stats of ``view_types`` and their row counts, as printable parts, plus the raw stats."""
@@ -321,43 +291,40 @@ class Smoke(object):
             parts += ["rows(%s) = 1" % vt for vt in view_types]
         return parts
 
+    # Each case returns its verdict, (ok, expected, got), which run() records.
     def case_health(self):
-        name, started = "health", time.time()
         status, doc, text = self.http("GET", self.p["health_path"])
         expected, got = ["HTTP 200", "status = ok"], ["HTTP %s" % status]
         if status != 200 and not isinstance(doc, dict):
-            return self.fail_post(name, started, expected, status, text)
+            return False, expected, self.show(status, text)
         doc = doc if isinstance(doc, dict) else {}
         got.append("status = %s" % doc.get("status", MISSING))
         if self.p["expect_release"]:
             expected.append("release = %s" % self.p["expect_release"])
             got.append("release = %s" % doc.get("release", MISSING))
-        return self.record(name, started, expected, got)
+        return compared(expected, got)
 
-    def case_views(self, name, view_type, n, checked, reset=False):
+    def case_views(self, view_type, n, checked, reset=False):
         """POST ``view_type`` n times at once; expect every answer 200, stats of ``view_type`` +n
         (exactly 1 after a ``reset`` of the book's rows), the other ``checked`` types unchanged,
         exactly one row each."""
-        started = time.time()
         if reset:
             self.reset()
         before, problem = self.stats()
         if before is None:
-            self.cases.append(dict(name=name, ok=False, expected="GET stats: HTTP 200 with stats", got=problem,
-                                   seconds=round(time.time() - started, 3)))
-            return False
+            return False, "GET stats: HTTP 200 with stats", problem
         after_want = dict((vt, int(before.get(vt, 0))) for vt in checked)
         after_want[view_type] = 1 if reset else after_want[view_type] + n
         expected = ["HTTP 200" + (" x%d" % n if n > 1 else "")] + self.want(after_want, checked)
         if n == 1:
             status, text = self.track(view_type)
             if status != 200:
-                return self.fail_post(name, started, expected, status, text)
+                return False, expected, self.show(status, text)
             answers = "HTTP 200"
         else:
             answers = self.concurrent(view_type, n)
         parts, _ = self.counts(checked)
-        return self.record(name, started, expected, [answers] + parts)
+        return compared(expected, [answers] + parts)
 
     def concurrent(self, view_type, n):
         barrier = threading.Barrier(n)
@@ -386,17 +353,16 @@ class Smoke(object):
         return ", ".join("%s x%d" % (k, v) for k, v in sorted(tally.items(), key=lambda kv: (kv[0] != "HTTP 200", kv[0])))
 
     def extra(self, check):
-        started = time.time()
         status, doc, text = self.http(check["method"] or "GET", check["path"], check.get("body"),
                                       auth=check["auth"] is not False)
         expected, got = ["HTTP %s" % check["status"]], ["HTTP %s" % status]
         for field, value in sorted((check.get("json") or {}).items()):
             expected.append("%s = %s" % (field, json.dumps(value)))
             got.append("%s = %s" % (field, json.dumps(lookup(doc, field))))
-        ok = self.record(check["name"], started, expected, got)
+        ok, expected, got = compared(expected, got)
         if not ok and status != check["status"]:
-            self.cases[-1]["got"] = self.show(status, text)
-        return ok
+            got = self.show(status, text)
+        return ok, expected, got
 
     # -- the run ------------------------------------------------------------------------------
     def planned(self):
@@ -406,10 +372,10 @@ class Smoke(object):
         second, other, many = "second view increments", "other view type has its own row", "%d concurrent views" % n
         steps = [
             ("health", self.case_health),
-            (first, lambda: self.case_views(first, a, 1, [a], reset=self.p["reset"])),
-            (second, lambda: self.case_views(second, a, 1, [a])),
-            (other, lambda: self.case_views(other, b, 1, [a, b])),
-            (many, lambda: self.case_views(many, a, n, [a])),
+            (first, lambda: self.case_views(a, 1, [a], reset=self.p["reset"])),
+            (second, lambda: self.case_views(a, 1, [a])),
+            (other, lambda: self.case_views(b, 1, [a, b])),
+            (many, lambda: self.case_views(a, n, [a])),
         ]
         for check in self.p["extra_checks"]:
             steps.append((check["name"], lambda check=check: self.extra(check)))
@@ -420,12 +386,11 @@ class Smoke(object):
         for index, (name, step) in enumerate(steps):
             started = time.time()
             try:
-                passed = step()
+                passed = self.record(name, *step(), started=started)
             except (Abort, Unreachable) as exc:
                 got = getattr(exc, "got", None) or self.clean(str(exc))
                 expected = "HTTP 200" if got.startswith("HTTP ") else "an answer from the app and the database"
-                self.cases.append(dict(name=name, ok=False, expected=expected, got=got,
-                                       seconds=round(time.time() - started, 3)))
+                self.record(name, False, expected, got, started)
                 self.not_run(steps[index + 1:])
                 raise
             if not passed:
@@ -435,7 +400,17 @@ class Smoke(object):
 
     def not_run(self, steps):
         for name, _ in steps:
-            self.cases.append(dict(name=name, ok=None, expected="", got="not run", seconds=0.0))
+            self.record(name, None, "", "not run")
+
+
+def compared(expected, got):
+    """A case's verdict: (ok, expected, got), ok when ``got`` holds exactly the ``expected`` parts."""
+    return all(e == g for e, g in zip(expected, got)) and len(expected) == len(got), expected, got
+
+
+def joined(parts):
+    """A case's parts as one text (``a; b``); a text stays as it is."""
+    return "; ".join(str(part) for part in parts) if isinstance(parts, (list, tuple)) else parts
 
 
 def lookup(doc, dotted):
@@ -461,7 +436,7 @@ def main():
             concurrency=dict(type="int", default=20),
             timeout=dict(type="float", default=10.0),
             reset=dict(type="bool", default=True),
-            **postgres_argument_spec(),
+            **postgres.postgres_argument_spec(),
             psql_bin=dict(type="str", default="psql"),
             health_path=dict(type="str", default="/api/health"),
             expect_release=dict(type="str"),

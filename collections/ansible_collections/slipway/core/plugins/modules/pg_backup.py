@@ -163,9 +163,9 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.slipway.core.plugins.module_utils import backup as bk
-from ansible_collections.slipway.core.plugins.module_utils import runguard
+from ansible_collections.slipway.core.plugins.module_utils import postgres, runguard
+from ansible_collections.slipway.core.plugins.module_utils.oneline import one_line
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
-from ansible_collections.slipway.core.plugins.module_utils.postgres import postgres_argument_spec
 
 
 class Pg(object):
@@ -174,20 +174,9 @@ class Pg(object):
     def __init__(self, module):
         self.module = module
         p = module.params
-        self.secrets = [s for s in (p["login_password"],) if s]
-        self.db = p["login_db"]
-        self.conn_args = ["--no-password"]
-        if p["login_host"]:
-            self.conn_args += ["-h", p["login_host"]]
-        if p["login_port"]:
-            self.conn_args += ["-p", str(p["login_port"])]
-        if p["login_user"]:
-            self.conn_args += ["-U", p["login_user"]]
-        self.env = dict(os.environ)
-        self.env.pop("PGPASSWORD", None)
-        if p["login_password"]:
-            self.env["PGPASSWORD"] = p["login_password"]
-        self.env["PGCONNECT_TIMEOUT"] = str(p["connect_timeout"])
+        self.params = p
+        self.secrets = postgres.secrets(p)
+        self.env = postgres.client_env(p, base=os.environ)
         self.env.setdefault("LC_ALL", "C")
         self.bin_dir = p["pg_bin_dir"]
 
@@ -202,16 +191,12 @@ class Pg(object):
             raise bk.BackupError("%s not found on PATH; install the PostgreSQL client (postgresql-client) or set pg_bin_dir" % name)
         return path
 
-    def one_line(self, stderr, what):
-        """A redacted one-line cause from a client program's stderr."""
-        lines = [ln.strip() for ln in redact_text(stderr or "", known=self.secrets).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
-        cause = (errors or lines or ["exited without a message"])[0]
-        return "%s failed: %s" % (what, cause)
+    def argv(self, name, options=(), tail=()):
+        """``name``'s command line connecting to the database (never prompting for a password)."""
+        return postgres.client_argv(self.program(name), self.params, options, tail, no_password=True)
 
-    def run(self, name, args, what, stdout=subprocess.PIPE):
-        proc = subprocess.Popen([self.program(name)] + args, stdout=stdout, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, env=self.env)
+    def run(self, argv, what, stdout=subprocess.PIPE):
+        proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self.env)
         try:
             out, err = proc.communicate()
         except BaseException:  # stopped (the deploy run ended): the client program goes too
@@ -219,30 +204,33 @@ class Pg(object):
             proc.wait()
             raise
         if proc.returncode != 0:
-            raise bk.BackupError(self.one_line(err.decode("utf-8", "replace"), what))
+            cause = one_line(redact_text(err.decode("utf-8", "replace"), known=self.secrets), pick="error",
+                             default="exited without a message")
+            raise bk.BackupError("%s failed: %s" % (what, cause))
         return out.decode("utf-8", "replace") if out is not None else ""
 
     def db_size(self):
-        out = self.run("psql", ["-X", "-A", "-t", "-q"] + self.conn_args +
-                       ["-d", self.db, "-c", "SELECT pg_database_size(current_database())"], "psql (database size)")
+        out = self.run(self.argv("psql", ["-X", "-A", "-t", "-q"], ["-c", "SELECT pg_database_size(current_database())"]),
+                       "psql (database size)")
         try:
             return int(out.strip())
         except ValueError:
             raise bk.BackupError("psql returned %r for the database size; check login_db and the server" % out.strip()[:80])
 
     def dump(self, fd):
-        self.run("pg_dump", ["-Fc"] + self.conn_args + ["-d", self.db], "pg_dump", stdout=fd)
+        self.run(self.argv("pg_dump", ["-Fc"]), "pg_dump", stdout=fd)
 
     def toc_entries(self, path):
-        listing = self.run("pg_restore", ["--list", path], "pg_restore --list (verify %s)" % os.path.basename(path))
+        listing = self.run([self.program("pg_restore"), "--list", path],
+                           "pg_restore --list (verify %s)" % os.path.basename(path))
         count = bk.count_toc(listing)
         if count <= 0:
             raise bk.BackupError("pg_restore --list found no entries in %s; the dump is empty or damaged" % os.path.basename(path))
         return count
 
     def restore(self, path):
-        self.run("pg_restore", ["--clean", "--if-exists", "--single-transaction", "--exit-on-error", "--no-owner",
-                                "--no-privileges"] + self.conn_args + ["-d", self.db, path], "pg_restore")
+        self.run(self.argv("pg_restore", ["--clean", "--if-exists", "--single-transaction", "--exit-on-error",
+                                          "--no-owner", "--no-privileges"], [path]), "pg_restore")
 
 
 GUARD = runguard.Guard(None, None)  # the deploy run's guard, set in main(); inactive outside a run
@@ -392,7 +380,7 @@ def main():
         argument_spec=dict(
             action=dict(type="str", default="create", choices=["plan", "create", "list", "restore"]),
             backup_dir=dict(type="path", required=True),
-            **postgres_argument_spec(),
+            **postgres.postgres_argument_spec(),
             host_label=dict(type="str"),
             release=dict(type="str", default="none"),
             reason=dict(type="str", default="deploy"),
@@ -407,7 +395,7 @@ def main():
     pg = Pg(module)
 
     def fail(msg):
-        line = " ".join(redact_text(str(msg), known=pg.secrets).split())
+        line = one_line(redact_text(str(msg), known=pg.secrets))
         module.fail_json(msg=line, changed=False, backup_dir=p["backup_dir"])
 
     global GUARD

@@ -145,16 +145,16 @@ plan:
   type: dict
 """
 
-import os  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
+import os
+import shutil
+import tempfile
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible_collections.slipway.core.plugins.module_utils import migrate as engine
+from ansible_collections.slipway.core.plugins.module_utils import postgres as pg
 from ansible_collections.slipway.core.plugins.module_utils import runguard
-from ansible_collections.slipway.core.plugins.module_utils import migrate as engine  # noqa: E402
-from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder  # noqa: E402
-from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text  # noqa: E402
-from ansible_collections.slipway.core.plugins.module_utils.postgres import postgres_argument_spec  # noqa: E402
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text
 
 
 def write_folder(top, content):
@@ -177,7 +177,7 @@ def main():
             migrations_path=dict(type="path"),
             migrations_content=dict(type="dict"),
             dsn=dict(type="str", no_log=True),
-            **postgres_argument_spec(),
+            **pg.postgres_argument_spec(),
             tracking_schema=dict(type="str", default=engine.DEFAULT_SCHEMA),
             tracking_table=dict(type="str", default=engine.DEFAULT_TABLE),
             include_skipped=dict(type="bool", default=False),
@@ -199,7 +199,7 @@ def main():
     if not engine.HAS_PGLAST:
         module.fail_json(msg=missing_required_lib("pglast"), exception=str(engine.PGLAST_IMPORT_ERROR))
     p = module.params
-    secrets = [s for s in (p["login_password"], engine.dsn_password(p["dsn"])) if s]
+    secrets = pg.secrets(p, p["dsn"])
 
     def fail(msg, plan=None):
         module.fail_json(msg=redact_text(msg, known=secrets), plan=redact_mapping(plan or {}, known=secrets),
@@ -216,11 +216,7 @@ def main():
             folder = read_folder(write_folder(tmpdir, p["migrations_content"]))
         else:
             folder = read_folder(p["migrations_path"])  # folder problems first: no connection needed
-        conn = engine.connect(
-            p["dsn"], connect_timeout=p["connect_timeout"], host=p["login_host"],
-            port=p["login_port"] if (p["login_host"] or not p["dsn"]) else None,
-            user=p["login_user"], password=p["login_password"], dbname=p["login_db"],
-        )
+        conn = engine.connect(p["dsn"], connect_timeout=p["connect_timeout"], **pg.connect_params(p, p["dsn"]))
         eng = engine.Engine(
             conn, folder, schema=p["tracking_schema"], table=p["tracking_table"],
             include_skipped=p["include_skipped"], allow_tampered=p["allow_tampered"],

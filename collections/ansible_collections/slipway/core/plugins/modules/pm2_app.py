@@ -207,30 +207,28 @@ modes_fixed:
   elements: str
 """
 
-import json
 import os
-import re
 import signal
 import subprocess
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.six.moves.urllib.error import HTTPError
-from ansible.module_utils.six.moves.urllib.request import ProxyHandler, Request, build_opener
+from ansible_collections.slipway.core.plugins.module_utils import layout, runguard
+from ansible_collections.slipway.core.plugins.module_utils.http_client import HttpClient
+from ansible_collections.slipway.core.plugins.module_utils.oneline import one_line, strip_ansi
 from ansible_collections.slipway.core.plugins.module_utils.pm2 import (
     app_error_line,
     app_processes,
     app_summary,
     daemon_pid,
+    default_home,
     instance_facts,
     reload_lock_path,
     secure_pm2_home,
     summarize_jlist,
 )
-from ansible_collections.slipway.core.plugins.module_utils import runguard
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _IN_PROGRESS = "already in progress"
 
 
@@ -246,19 +244,9 @@ class InstanceErrored(GateFailed):
     """An instance is ``errored``: PM2 gave up restarting it, so waiting longer cannot help."""
 
 
-def _one_line(text, limit=300):
-    text = " ".join(_ANSI.sub("", str(text or "")).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _private_umask():
     """preexec_fn for pm2 save: the dump files it creates are 0600 from the start."""
     os.umask(0o077)
-
-
-def _last_line(text):
-    lines = [line.strip() for line in _ANSI.sub("", text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
 
 
 class Pm2App(object):
@@ -267,12 +255,12 @@ class Pm2App(object):
         p = module.params
         self.app_name = p["app_name"]
         self.app_dir = os.path.normpath(p["app_dir"])
-        self.current = os.path.join(self.app_dir, "current")
+        self.current = layout.current_link(self.app_dir)
         self.ecosystem = os.path.join(self.current, p["ecosystem"])
-        self.pm2_home = p["pm2_home"] or os.path.join(os.path.expanduser("~"), ".pm2")
+        self.pm2_home = p["pm2_home"] or default_home()
         self.health_url = p["health_url"]
         self.pm2_bin = None
-        self.opener = build_opener(ProxyHandler({}))  # loopback/internal URLs: never via a proxy
+        self.client = HttpClient()  # loopback/internal URLs: never via a proxy
 
     # ---------------------------------------------------------------- pm2 commands
     def env(self, release):
@@ -309,7 +297,8 @@ class Pm2App(object):
         proc = subprocess.run([self.bin(), "jlist"], cwd=self.app_dir, env=dict(os.environ, PM2_HOME=self.pm2_home),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
         if proc.returncode != 0:
-            raise GateFailed("pm2 jlist failed (rc=%d): %s" % (proc.returncode, redact_text(_last_line(proc.stderr))))
+            said = one_line(proc.stderr, pick="last", default="no output")
+            raise GateFailed("pm2 jlist failed (rc=%d): %s" % (proc.returncode, redact_text(said)))
         try:
             return app_processes(summarize_jlist(proc.stdout), self.app_name)
         except ValueError as exc:
@@ -338,7 +327,8 @@ class Pm2App(object):
             if _IN_PROGRESS in out and time.time() + 1 < deadline:
                 time.sleep(1)
                 continue
-            raise GateFailed("pm2 %s failed (rc=%d): %s" % (args[0], proc.returncode, redact_text(_last_line(out))))
+            said = one_line(out, pick="last", default="no output")
+            raise GateFailed("pm2 %s failed (rc=%d): %s" % (args[0], proc.returncode, redact_text(said)))
 
     def _watch(self, proc, deadline, baseline):
         """None when ``proc`` ended by itself, else why it was stopped: the deadline, an instance
@@ -401,22 +391,13 @@ class Pm2App(object):
         that answered (the app reports it), or None."""
         self.last_pid = None
         try:
-            resp = self.opener.open(Request(self.health_url, method="GET"), timeout=timeout)
-            status, raw = resp.getcode(), resp.read(4096)
-            resp.close()
-        except HTTPError as exc:
-            status, raw = exc.code, exc.read(4096)
+            status, text, body = self.client.request(self.health_url, timeout=timeout, limit=4096)
         except Exception as exc:  # connection refused/reset, timeout: the app is not serving
             reason = getattr(exc, "reason", exc)
-            return None, None, redact_text(_one_line("%s: %s" % (type(exc).__name__, reason), 160))
-        text = raw.decode("utf-8", "replace")
-        try:
-            body = json.loads(text)
-        except ValueError:
-            body = None
+            return None, None, redact_text(one_line("%s: %s" % (type(exc).__name__, reason), 160))
         release = body.get("release") if isinstance(body, dict) else None
         self.last_pid = body.get("pid") if isinstance(body, dict) else None
-        return status, release, redact_text(_one_line("HTTP %s %s" % (status, text), 200))
+        return status, release, redact_text(one_line("HTTP %s %s" % (status, text), 200))
 
     @staticmethod
     def _describe(procs):
@@ -490,8 +471,8 @@ class Pm2App(object):
                                     ("out", "pm_out_log_path", "out.log")):
             paths = sorted(set(p.get(field) for p in procs if p.get(field)))
             if not procs:
-                logs = os.path.join(self.app_dir, "logs")
-                paths = [os.path.join(logs if os.path.isdir(logs) else os.path.join(self.current, "logs"), name)]
+                logs = layout.logs_dir(self.app_dir)
+                paths = [os.path.join(logs if os.path.isdir(logs) else layout.join(self.current, layout.LOGS_DIR), name)]
             files += [(stream, path) for path in paths]
         return files
 
@@ -522,7 +503,7 @@ class Pm2App(object):
                 text = handle.read(size - start).decode("utf-8", "replace")
         except OSError:
             return None
-        lines = _ANSI.sub("", text).splitlines()
+        lines = strip_ansi(text).splitlines()
         return lines[1:] if start > mark else lines  # the first line was cut
 
     def app_error(self, procs):
@@ -540,7 +521,7 @@ class Pm2App(object):
                 looked.append(os.path.basename(path))
                 line = app_error_line(lines, skip=stdout if want == "combined" else ())
                 if line:
-                    return os.path.basename(path), redact_text(_one_line(line, 240))
+                    return os.path.basename(path), redact_text(one_line(line, 240))
         return "/".join(looked) or "logs", None
 
 
@@ -567,6 +548,236 @@ def decide(procs, current, release, reload_mode):
     return "none", "release %s runs on all %d instances from the current link" % (release, len(procs))
 
 
+class Rollout(object):
+    """One run of the module, step by step: the release checked, the state read and the action
+    decided, then (not in check mode) the action under the run guard, the health gate with its
+    recovery, and the result. A step that cannot go on ends the module (fail_json/exit_json)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.p = module.params
+        self.app = Pm2App(module)
+        self.result = dict(changed=False, action="none", reason="", release=None, instances=0, pids_before=[],
+                           pids_after=[], restarts=0, health=dict(status=None, release=None, successes=0),
+                           seconds=0.0, healthy=False, online=0, total=0, processes=[], app_error=None,
+                           recovered=[], modes_fixed=[])
+        self.release = None
+        self.action, self.reason = "none", ""
+        self.guard = None
+        self.started = self.deadline = None
+
+    def fail(self, msg):
+        self.module.fail_json(msg=msg, **self.result)
+
+    def observe(self, procs):
+        """The app's state as PM2 shows it now, into the result."""
+        summary = app_summary(procs, self.app.app_name)
+        self.result.update(instances=summary["instances"], total=summary["instances"], online=summary["online"],
+                           pids_after=summary["pids"], restarts=summary["restarts"], processes=instance_facts(procs))
+        return summary
+
+    def secure(self):
+        """PM2_HOME 0700, its dump files 0600 (check mode: predicted); a tightened mode is a change."""
+        try:
+            fixed = secure_pm2_home(self.app.pm2_home, self.module.check_mode)
+        except OSError as exc:
+            self.module.warn("could not make %s private (0700, dump files 0600): %s; its dump files hold every "
+                             "process's environment, secrets included" % (self.app.pm2_home, exc))
+            return
+        self.result["modes_fixed"] += [item for item in fixed if item not in self.result["modes_fixed"]]
+        self.result["changed"] = self.result["changed"] or bool(fixed)
+
+    def read_state(self):
+        try:
+            return self.app.jlist()
+        except (GateFailed, subprocess.TimeoutExpired) as exc:
+            self.fail("reading PM2 state: %s" % exc)
+
+    # ---------------------------------------------------------------- before anything is done
+    def check_release(self):
+        """The release expected to serve is the one ``current`` points at, complete, with its
+        ecosystem file. In check mode a deploy's switch of ``current`` to it is predicted (and ends
+        the module)."""
+        app, p = self.app, self.p
+        if not os.path.islink(app.current) and not os.path.isdir(app.current):
+            self.fail("%s does not exist; install a release and point current at it first (app_release)" % app.current)
+        real = os.path.realpath(app.current)
+        current_release = os.path.basename(real)
+        release = self.release = self.result["release"] = p["release"] or current_release
+        if release != current_release and self.module.check_mode:
+            # a deploy in check mode: app_release would have switched current to `release` by now
+            before = self.observe(self.read_state())
+            self.result.update(changed=True, action="reloaded" if before["instances"] else "started",
+                               reason="current would switch from %s to %s" % (current_release, release),
+                               pids_before=before["pids"])
+            self.module.exit_json(**self.result)
+        if release != current_release:
+            self.fail("current points at %s, not at the expected release %s; switch current first (app_release) "
+                      "or pass release=%s" % (current_release, release, current_release))
+        if not os.path.exists(layout.built_marker(real)):
+            self.fail("release %s is incomplete (no %s in %s); install it again (app_release)" % (
+                release, layout.BUILT_MARKER, real))
+        if not os.path.isfile(app.ecosystem):
+            self.fail("no %s in release %s; set ecosystem to the PM2 process file's name" % (p["ecosystem"], release))
+        if p["health_timeout"] <= 0 or p["stable_seconds"] < 0 or p["health_successes"] < 0:
+            self.fail("health_timeout must be > 0, stable_seconds and health_successes >= 0")
+
+    def plan(self):
+        """PM2's processes of the app now, and the action they call for (into the result)."""
+        procs = self.read_state()
+        before = self.observe(procs)
+        self.action, self.reason = decide(procs, self.app.current, self.release, self.p["reload"])
+        self.result.update(action=self.action, reason=self.reason, pids_before=before["pids"],
+                           changed=self.action != "none" or bool(self.result["modes_fixed"]))
+        releases = sorted(set(str(x.get("release")) for x in procs))
+        self.result["diff"] = dict(before=dict(release=releases, cwd=before["cwd"]),
+                                   after=dict(release=[self.release], cwd=[self.app.current]) if self.action != "none"
+                                   else dict(release=releases, cwd=before["cwd"]))
+        return procs
+
+    def predict(self):
+        """Check mode: one probe of the app as it serves now; ends the module."""
+        status, seen, _ = self.app.probe(2.0)
+        ok = status == 200 and seen == self.release
+        self.result["health"] = dict(status=status, release=seen, successes=1 if ok else 0)
+        self.result["healthy"] = self.action == "none" and ok
+        self.module.exit_json(**self.result)
+
+    # ---------------------------------------------------------------- the action
+    def begin(self, procs):
+        """Under the run's guard (or fail: PM2 not touched), with PM2_HOME private, the app's logs
+        marked and the clock started."""
+        app = self.app
+        if self.action == "reloaded" and app.daemon_sched_policy() != "none":
+            self.module.warn("the PM2 daemon uses Node's round-robin connection hand-off, with which a reload can lose "
+                             "a connection now and then; start the daemon with NODE_CLUSTER_SCHED_POLICY=none (pm2_app "
+                             "does when it starts the daemon; for a running one: pm2 kill, then run pm2_app, in a quiet "
+                             "moment)")
+        self.guard = runguard.from_env()  # inactive outside a deploy run
+        try:
+            self.guard.start()
+        except runguard.LockLost as exc:
+            self.fail("pm2_app %s %s (release %s): %s; PM2 was not touched" % (
+                self.action, app.app_name, self.release, exc.args[0]))
+        if not os.path.isdir(app.pm2_home):
+            os.makedirs(app.pm2_home, 0o700)  # before PM2 creates it 0755
+        app.mark_logs(procs)
+        self.started = time.time()
+        self.deadline = self.started + self.p["health_timeout"]
+
+    def act(self, args, baseline):
+        """One pm2 command that changes the app's processes: started only while the run holds the
+        deploy lock, and finished (then journaled) even when the run is stopped meanwhile -- PM2's
+        daemon would go on with a half-done reload anyway; the gate after it is what a stop cuts."""
+        with self.guard.hold():
+            done = False
+            try:
+                self.app.run_pm2(args, self.release, self.deadline, baseline)
+                done = True
+            finally:
+                self.guard.record("pm2", action=args[0], release=self.release, app=self.app.app_name, completed=done)
+
+    def full_gate(self):
+        """The gate after a change. An online instance that keeps answering with another release
+        (e.g. a worker PM2 auto-restarted during a failed reload kept that reload's environment)
+        gets one more reload (zero-downtime), then the gate must pass."""
+        app, p = self.app, self.p
+        try:
+            return app.gate(self.release, self.deadline, p["health_successes"], p["stable_seconds"])
+        except WrongRelease as exc:
+            self.module.warn("%s; reloading once more" % exc)
+            reason = self.result["reason"]
+            self.result["reason"] = (reason + "; " if reason else "") + "reloaded again: " + str(exc)
+            self.act(["reload", app.ecosystem, "--update-env"], app.jlist())
+            return app.gate(self.release, self.deadline, p["health_successes"], p["stable_seconds"])
+
+    def perform(self, procs):
+        """The action and its health gate, with the recovery when they fail; (processes, health)."""
+        app, action = self.app, self.action
+        try:
+            if action == "started":
+                self.act(["start", app.ecosystem], [])
+            elif action == "restarted":
+                self.act(["delete", app.app_name], procs)
+                self.act(["start", app.ecosystem], [])
+            elif action == "reloaded":
+                self.act(["reload", app.ecosystem, "--update-env"], procs)
+            if action == "none":
+                return app.gate(self.release, self.deadline, 1, 0)
+            return self.full_gate()
+        except GateFailed as exc:
+            return self.recover(exc)
+
+    def recover(self, exc):
+        """After ``exc`` (a rollback after a release that crashed at start): instances that are down
+        and still carry another release serve nothing, so restarting them on the release loses
+        nothing; then the gate again. Raises ``exc`` when there is nothing to recover (or no time)."""
+        app, release = self.app, self.release
+        now_procs = app.jlist()
+        down = [x["pm_id"] for x in now_procs if x.get("status") != "online" and x.get("release") != release]
+        if not down or self.p["reload"] == "never" or self.deadline - time.time() < self.p["stable_seconds"] + 5:
+            raise exc
+        ids = ", ".join(str(i) for i in down)
+        self.module.warn("%s; restarting instance(s) %s (down, on another release) on release %s" % (
+            one_line(exc, 300), ids, release))
+        self.result["recovered"] = down
+        try:
+            self.act(["restart"] + [str(i) for i in down] + ["--update-env"], now_procs)
+            return self.full_gate()
+        except GateFailed as again:
+            raise GateFailed("%s; then restarted instance(s) %s (down, on another release) on release %s: %s" % (
+                one_line(exc, 500), ids, release, one_line(again, 500)))
+
+    # ---------------------------------------------------------------- the end
+    def failed(self, exc):
+        """The result of a failed action or gate: the host's actual state and the app's own error
+        line; ends the module."""
+        app = self.app
+        self.guard.finish()
+        self.result["seconds"] = round(time.time() - self.started, 2)
+        now_procs, state = [], "PM2 state unreadable"
+        try:
+            now_procs = app.jlist()
+            self.observe(now_procs)
+            state = "now " + app._describe(now_procs)
+        except (GateFailed, subprocess.TimeoutExpired):
+            pass
+        source, line = app.app_error(now_procs)
+        self.result["app_error"] = line
+        said = ("app error (%s): %s" % (source, line) if line else
+                "%s: no error line from the app since the action started" % source)
+        self.secure()
+        self.fail("pm2_app %s %s (release %s, %s) failed after %.1fs: %s; %s; %s" % (
+            self.action, app.app_name, self.release, self.reason, self.result["seconds"], one_line(exc, 1000),
+            state, said))
+
+    def succeeded(self, gated, health):
+        """The result of a passed gate; after a change, PM2's process list saved. Ends the module."""
+        self.observe(gated)
+        self.result.update(seconds=round(time.time() - self.started, 2), health=health, healthy=True)
+        if self.action != "none" or self.result["recovered"]:
+            self.result["changed"] = True
+            if self.p["save"]:
+                self.save()
+        self.guard.finish()
+        self.module.exit_json(**self.result)
+
+    def save(self):
+        app = self.app
+        try:
+            with self.guard.deferred():  # the app is healthy: a stop now lets the save finish, then ends the module
+                proc = subprocess.run([app.bin(), "save"], cwd=app.app_dir, env=dict(os.environ, PM2_HOME=app.pm2_home),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                                      timeout=60, preexec_fn=_private_umask)
+        except runguard.RunStopped:
+            self.module.warn("the deploy run was stopped after the app became healthy on %s; PM2's process list was "
+                             "saved" % self.release)
+        if proc.returncode != 0:
+            said = one_line(proc.stdout, pick="last", default="no output")
+            self.module.warn("pm2 save failed (rc=%d): %s" % (proc.returncode, redact_text(said)))
+        self.secure()
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -586,180 +797,18 @@ def main():
         ),
         supports_check_mode=True,
     )
-    app = Pm2App(module)
-    p = module.params
-    result = dict(changed=False, action="none", reason="", release=None, instances=0, pids_before=[], pids_after=[],
-                  restarts=0, health=dict(status=None, release=None, successes=0), seconds=0.0,
-                  healthy=False, online=0, total=0, processes=[], app_error=None, recovered=[], modes_fixed=[])
-
-    def observe(procs):
-        """The app's state as PM2 shows it now, into the result."""
-        summary = app_summary(procs, app.app_name)
-        result.update(instances=summary["instances"], total=summary["instances"], online=summary["online"],
-                      pids_after=summary["pids"], restarts=summary["restarts"], processes=instance_facts(procs))
-        return summary
-
-    def secure():
-        """PM2_HOME 0700, its dump files 0600 (check mode: predicted); a tightened mode is a change."""
-        try:
-            fixed = secure_pm2_home(app.pm2_home, module.check_mode)
-        except OSError as exc:
-            module.warn("could not make %s private (0700, dump files 0600): %s; its dump files hold every process's "
-                        "environment, secrets included" % (app.pm2_home, exc))
-            return
-        result["modes_fixed"] += [item for item in fixed if item not in result["modes_fixed"]]
-        result["changed"] = result["changed"] or bool(fixed)
-
-    secure()
-    if not os.path.islink(app.current) and not os.path.isdir(app.current):
-        module.fail_json(msg="%s does not exist; install a release and point current at it first (app_release)" % app.current, **result)
-    real = os.path.realpath(app.current)
-    current_release = os.path.basename(real)
-    release = p["release"] or current_release
-    result["release"] = release
-    if release != current_release and module.check_mode:
-        # a deploy in check mode: app_release would have switched current to `release` by now
-        try:
-            procs = app.jlist()
-        except (GateFailed, subprocess.TimeoutExpired) as exc:
-            module.fail_json(msg="reading PM2 state: %s" % exc, **result)
-        before = observe(procs)
-        result.update(changed=True, action="reloaded" if before["instances"] else "started",
-                      reason="current would switch from %s to %s" % (current_release, release),
-                      pids_before=before["pids"])
-        module.exit_json(**result)
-    if release != current_release:
-        module.fail_json(msg="current points at %s, not at the expected release %s; switch current first (app_release) "
-                             "or pass release=%s" % (current_release, release, current_release), **result)
-    if not os.path.exists(os.path.join(real, ".slipway-built")):
-        module.fail_json(msg="release %s is incomplete (no .slipway-built in %s); install it again (app_release)" % (release, real), **result)
-    if not os.path.isfile(app.ecosystem):
-        module.fail_json(msg="no %s in release %s; set ecosystem to the PM2 process file's name" % (p["ecosystem"], release), **result)
-    if p["health_timeout"] <= 0 or p["stable_seconds"] < 0 or p["health_successes"] < 0:
-        module.fail_json(msg="health_timeout must be > 0, stable_seconds and health_successes >= 0", **result)
-
-    try:
-        procs = app.jlist()
-    except (GateFailed, subprocess.TimeoutExpired) as exc:
-        module.fail_json(msg="reading PM2 state: %s" % exc, **result)
-    before = observe(procs)
-    action, reason = decide(procs, app.current, release, p["reload"])
-    result.update(action=action, reason=reason, pids_before=before["pids"],
-                  changed=action != "none" or bool(result["modes_fixed"]))
-    result["diff"] = dict(before=dict(release=sorted(set(str(x.get("release")) for x in procs)), cwd=before["cwd"]),
-                          after=dict(release=[release], cwd=[app.current]) if action != "none" else
-                          dict(release=sorted(set(str(x.get("release")) for x in procs)), cwd=before["cwd"]))
-
+    run = Rollout(module)
+    run.secure()
+    run.check_release()
+    procs = run.plan()
     if module.check_mode:
-        status, seen, _ = app.probe(2.0)
-        result["health"] = dict(status=status, release=seen, successes=1 if status == 200 and seen == release else 0)
-        result["healthy"] = action == "none" and status == 200 and seen == release
-        module.exit_json(**result)
-
-    if action == "reloaded" and app.daemon_sched_policy() != "none":
-        module.warn("the PM2 daemon uses Node's round-robin connection hand-off, with which a reload can lose a "
-                    "connection now and then; start the daemon with NODE_CLUSTER_SCHED_POLICY=none (pm2_app does "
-                    "when it starts the daemon; for a running one: pm2 kill, then run pm2_app, in a quiet moment)")
-    guard = runguard.from_env()  # inactive outside a deploy run
+        run.predict()
+    run.begin(procs)
     try:
-        guard.start()
-    except runguard.LockLost as exc:
-        module.fail_json(msg="pm2_app %s %s (release %s): %s; PM2 was not touched" % (
-            action, app.app_name, release, exc.args[0]), **result)
-    if not os.path.isdir(app.pm2_home):
-        os.makedirs(app.pm2_home, 0o700)  # before PM2 creates it 0755
-    app.mark_logs(procs)
-    started = time.time()
-    deadline = started + p["health_timeout"]
-
-    def act(args, baseline):
-        """One pm2 command that changes the app's processes: started only while the run holds the
-        deploy lock, and finished (then journaled) even when the run is stopped meanwhile -- PM2's
-        daemon would go on with a half-done reload anyway; the gate after it is what a stop cuts."""
-        with guard.hold():
-            done = False
-            try:
-                app.run_pm2(args, release, deadline, baseline)
-                done = True
-            finally:
-                guard.record("pm2", action=args[0], release=release, app=app.app_name, completed=done)
-
-    def full_gate():
-        """The gate after a change. An online instance that keeps answering with another release
-        (e.g. a worker PM2 auto-restarted during a failed reload kept that reload's environment)
-        gets one more reload (zero-downtime), then the gate must pass."""
-        try:
-            return app.gate(release, deadline, p["health_successes"], p["stable_seconds"])
-        except WrongRelease as exc:
-            module.warn("%s; reloading once more" % exc)
-            result["reason"] = (result["reason"] + "; " if result["reason"] else "") + "reloaded again: " + str(exc)
-            act(["reload", app.ecosystem, "--update-env"], app.jlist())
-            return app.gate(release, deadline, p["health_successes"], p["stable_seconds"])
-    try:
-        try:
-            if action == "started":
-                act(["start", app.ecosystem], [])
-            elif action == "restarted":
-                act(["delete", app.app_name], procs)
-                act(["start", app.ecosystem], [])
-            elif action == "reloaded":
-                act(["reload", app.ecosystem, "--update-env"], procs)
-            if action == "none":
-                gated, health = app.gate(release, deadline, 1, 0)
-            else:
-                gated, health = full_gate()
-        except GateFailed as exc:
-            # Recovery (a rollback after a release that crashed at start): instances that are down
-            # and still carry another release serve nothing, so restarting them loses nothing.
-            now_procs = app.jlist()
-            down = [x["pm_id"] for x in now_procs if x.get("status") != "online" and x.get("release") != release]
-            if not down or p["reload"] == "never" or deadline - time.time() < p["stable_seconds"] + 5:
-                raise
-            ids = ", ".join(str(i) for i in down)
-            module.warn("%s; restarting instance(s) %s (down, on another release) on release %s" % (
-                _one_line(exc), ids, release))
-            result["recovered"] = down
-            try:
-                act(["restart"] + [str(i) for i in down] + ["--update-env"], now_procs)
-                gated, health = full_gate()
-            except GateFailed as again:
-                raise GateFailed("%s; then restarted instance(s) %s (down, on another release) on release %s: %s" % (
-                    _one_line(exc, 500), ids, release, _one_line(again, 500)))
+        gated, health = run.perform(procs)
     except (GateFailed, subprocess.TimeoutExpired, runguard.RunStopped, runguard.LockLost) as exc:
-        guard.finish()
-        result["seconds"] = round(time.time() - started, 2)
-        now_procs, state = [], "PM2 state unreadable"
-        try:
-            now_procs = app.jlist()
-            observe(now_procs)
-            state = "now " + app._describe(now_procs)
-        except (GateFailed, subprocess.TimeoutExpired):
-            pass
-        source, line = app.app_error(now_procs)
-        result["app_error"] = line
-        said = ("app error (%s): %s" % (source, line) if line else
-                "%s: no error line from the app since the action started" % source)
-        secure()
-        module.fail_json(msg="pm2_app %s %s (release %s, %s) failed after %.1fs: %s; %s; %s" % (
-            action, app.app_name, release, reason, result["seconds"], _one_line(exc, 1000), state, said), **result)
-
-    observe(gated)
-    result.update(seconds=round(time.time() - started, 2), health=health, healthy=True)
-    if action != "none" or result["recovered"]:
-        result["changed"] = True
-        if p["save"]:
-            try:
-                with guard.deferred():  # the app is healthy: a stop now lets the save finish, then ends the module
-                    proc = subprocess.run([app.bin(), "save"], cwd=app.app_dir, env=dict(os.environ, PM2_HOME=app.pm2_home),
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
-                                          timeout=60, preexec_fn=_private_umask)
-            except runguard.RunStopped:
-                module.warn("the deploy run was stopped after the app became healthy on %s; PM2's process list was saved" % release)
-            if proc.returncode != 0:
-                module.warn("pm2 save failed (rc=%d): %s" % (proc.returncode, redact_text(_last_line(proc.stdout))))
-            secure()
-    guard.finish()
-    module.exit_json(**result)
+        run.failed(exc)
+    run.succeeded(gated, health)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,11 @@ app:
   type: dict
 """
 
-import os
-
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.slipway.core.plugins.module_utils.pm2 import (
     app_summary,
     daemon_pid,
+    default_home,
     summarize_jlist,
 )
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
@@ -81,7 +80,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    pm2_home = module.params["pm2_home"] or os.path.join(os.path.expanduser("~"), ".pm2")
+    pm2_home = module.params["pm2_home"] or default_home()
     result = dict(changed=False, daemon_running=False, processes=[], pm2_home=pm2_home)
 
     if daemon_pid(pm2_home) is None and not module.params["start_daemon"]:
