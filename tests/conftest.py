@@ -5,6 +5,7 @@ never touches a demo sandbox (instance 0) that may be up on the same machine.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from instances import sandbox_instance
 
 from slipway import sandbox as sb
 
@@ -57,6 +59,24 @@ def host_env(name: str, env: dict | None = None) -> dict:
     return values
 
 
+@contextlib.contextmanager
+def sandbox_up(instance: str, hosts: int = 1, state: str = "incident", switch: bool = False):
+    """The body of every sandbox fixture: root checked, instance ``instance`` brought down and up
+    again with ``hosts`` hosts in ``state``, its environment ({SLIPWAY_SANDBOX_INSTANCE: ...})
+    yielded, and taken down afterwards. ``switch``: in-process calls use the instance too, for
+    the fixture's whole life."""
+    if os.geteuid() != 0:
+        pytest.fail("these tests need root: the sandbox creates users, sshd, PostgreSQL clusters and PM2")
+    env = {"SLIPWAY_SANDBOX_INSTANCE": str(instance)}
+    with sandbox_instance(instance) if switch else contextlib.nullcontext():
+        cli("sandbox.down", env=env)
+        cli("sandbox.up", "--hosts", str(hosts), "--state", state, env=env)
+        try:
+            yield env
+        finally:
+            cli("sandbox.down", env=env)
+
+
 @pytest.fixture(scope="session")
 def pgc():
     if os.geteuid() != 0:
@@ -84,12 +104,8 @@ def node_modules(sandbox2):
 
 @pytest.fixture(scope="session")
 def sandbox2():
-    """Two hosts in the incident state; torn down at the end of the session."""
-    if os.geteuid() != 0:
-        pytest.fail("the integration tests need root: they create users, sshd and PostgreSQL clusters")
-    cli("sandbox.down")
-    proc = cli("sandbox.up", "--hosts", "2", "--state", "incident")
-    hosts = {h.name: h for h in sb.hosts_in_record()}
-    envs = {name: host_env(name) for name in hosts}
-    yield {"hosts": hosts, "env": envs, "up": proc}
-    cli("sandbox.down")
+    """Two hosts of instance 1 in the incident state; torn down at the end of the session."""
+    with sandbox_up("1", hosts=2, state="incident"):
+        hosts = {h.name: h for h in sb.hosts_in_record()}
+        envs = {name: host_env(name) for name in hosts}
+        yield {"hosts": hosts, "env": envs}

@@ -1,4 +1,4 @@
-"""Fault injection on a real sandbox host, for tests/test_faults.py and bench/faults.py (no fixtures
+"""Fault injection on a real sandbox host, for tests/integration/test_faults.py and bench/faults.py (no fixtures
 here): a deploy started as a user would (`invoke deploy` in a process group of its own, like a
 terminal job), a fault injected when a phase starts, then every process of the run awaited, the
 host's state read right away and again later, and the re-run.
@@ -10,7 +10,6 @@ keeper, sshd sessions, the modules' python, pg_dump, the pm2 CLI).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pwd
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import psycopg
+from instances import sandbox_instance
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_BOOK = "5b0e7e57-0000-4000-8000-00000000c0de"  # slipway.sandbox.SMOKE_BOOK
@@ -109,23 +109,6 @@ def run_processes(invoke_pid: int, host_user: str, masters_before: set[int] = fr
         elif _uid(pid) == uid and pid not in daemons and _ppid(pid) not in daemons:
             host.append((pid, _cmd(pid)[:120]))
     return {"controller": controller, "host": host}
-
-
-@contextlib.contextmanager
-def sandbox_instance(instance: str):
-    """slipway.sandbox for instance ``instance`` (its in-process helpers read
-    SLIPWAY_SANDBOX_INSTANCE at call time); the variable is put back afterwards."""
-    old = os.environ.get("SLIPWAY_SANDBOX_INSTANCE")
-    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = instance
-    try:
-        from slipway import sandbox as sb
-
-        yield sb
-    finally:
-        if old is None:
-            os.environ.pop("SLIPWAY_SANDBOX_INSTANCE", None)
-        else:
-            os.environ["SLIPWAY_SANDBOX_INSTANCE"] = old
 
 
 class Host:

@@ -96,3 +96,31 @@ def test_secrets_are_scrubbed_from_the_report_model():
     report = build_report(HOST, [HOST], "run-1", "r2", "dir", False, _result(2, data, failures), ["s3cr3t-pw"],
                           tracker, {}, "", 1.0)
     assert "s3cr3t-pw" not in repr(report) and "s3cr3t-pw" not in "\n".join(render_report(report))
+
+
+def test_phases_are_the_roles_deploy_yml_runs_in_order():
+    from slipway.deploy import PHASES
+
+    assert PHASES == ("preflight", "db_backup", "app_release", "db_migrate", "pm2_app", "smoke_test")
+
+
+def test_the_rescue_roles_tasks_and_what_it_includes_count_as_the_rescue_phase():
+    tracker = PhaseTracker(out=io.StringIO(), quiet=True)
+
+    def task(role, kind="runner_on_ok", changed=False):
+        data = {"host": HOST, "role": role, "task": "t", "duration": 1.0, "res": {"changed": changed}}
+        tracker({"event": "playbook_on_task_start", "event_data": {"role": role, "task": "t"}})
+        tracker({"event": "runner_on_start", "event_data": data})
+        tracker({"event": kind, "event_data": data})
+
+    task("app_release", changed=True)
+    task("pm2_app", kind="runner_on_failed")
+    task("rescue")  # Record the failure
+    task("app_release", changed=True)  # the rollback it includes
+    task("pm2_app", changed=True)  # the reload it includes
+    task("")  # the block's always: the record
+    phases = {p["name"]: p for p in tracker.phases(HOST)}
+    assert list(phases) == ["app_release", "pm2_app", "rescue"]
+    assert phases["app_release"]["changed"] == 1 and phases["pm2_app"]["status"] == "failed"
+    assert phases["rescue"]["tasks"] == 3 and phases["rescue"]["changed"] == 2
+    assert tracker.last_phase(HOST) == "pm2_app"

@@ -7,7 +7,6 @@ EADDRINUSE restore every instance on the previous release, and the failure quote
 error line; PM2_HOME and its dump files (every process's environment) are private."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +22,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ROOT, Outputs, cli, host_env, sb
+from conftest import ROOT, Outputs, host_env, sandbox_up, sb
+from instances import sandbox_instance
 
 from ansible_collections.slipway.core.plugins.module_utils.pm2 import (  # isort: skip (path set by conftest's sb)
     app_error_line,
@@ -38,17 +38,6 @@ PLAYBOOK = str(ROOT / "tests" / "playbooks" / "pm2_app.yml")
 EVENTS: list[dict] = []
 
 
-@contextlib.contextmanager
-def instance4():
-    """In-process sandbox helpers read SLIPWAY_SANDBOX_INSTANCE at call time."""
-    old = os.environ.get("SLIPWAY_SANDBOX_INSTANCE", "1")
-    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = INSTANCE
-    try:
-        yield
-    finally:
-        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = old
-
-
 class Target(dict):
     """The fixture's values; its repr names no secret (pytest prints fixtures on failures)."""
 
@@ -58,19 +47,15 @@ class Target(dict):
 
 @pytest.fixture(scope="module")
 def h4():
-    if os.geteuid() != 0:
-        pytest.fail("the pm2_app tests need root: they start a sandbox host")
-    cli("sandbox.down", env=I4)
-    cli("sandbox.up", "--state", "healthy", env=I4)
-    values = host_env("sandbox", env=I4)
-    with instance4():
-        host = sb.find_host("sandbox")
-    user = pwd.getpwnam(host.user)
-    rid = os.path.basename(os.path.realpath(host.app_dir / "current"))
-    secrets = [values["API_TOKEN"], urllib.parse.urlparse(values["DATABASE_URL"]).password]
-    assert all(secrets)
-    yield Target(host=host, user=user, token=values["API_TOKEN"], secrets=secrets, rid=rid, url=host.app_url)
-    cli("sandbox.down", env=I4)
+    with sandbox_up(INSTANCE, state="healthy"):
+        values = host_env("sandbox", env=I4)
+        with sandbox_instance(INSTANCE):
+            host = sb.find_host("sandbox")
+        user = pwd.getpwnam(host.user)
+        rid = os.path.basename(os.path.realpath(host.app_dir / "current"))
+        secrets = [values["API_TOKEN"], urllib.parse.urlparse(values["DATABASE_URL"]).password]
+        assert all(secrets)
+        yield Target(host=host, user=user, token=values["API_TOKEN"], secrets=secrets, rid=rid, url=host.app_url)
 
 
 def run_role(**extra) -> dict:
@@ -91,7 +76,7 @@ def run_role(**extra) -> dict:
     ansible_runner.run = tapped
     started = time.monotonic()
     try:
-        with instance4():
+        with sandbox_instance(INSTANCE):
             out = run_playbook(PLAYBOOK, "sandbox", extra)
     finally:
         ansible_runner.run = original
@@ -106,7 +91,7 @@ def run_role(**extra) -> dict:
 
 def pm2_state(h4) -> dict:
     """The app's PM2 summary, read as the host user (never as root)."""
-    with instance4():
+    with sandbox_instance(INSTANCE):
         return sb.pm2_app_state(h4["host"], h4["user"])
 
 
@@ -200,7 +185,7 @@ def report(line: str) -> None:
 def test_legacy_start_is_moved_to_the_current_link_then_noop(h4):
     host, user = h4["host"], h4["user"]
     # what an older sandbox did: start without APP_CURRENT, so PM2 stores releases/<rid> (real path)
-    with instance4():
+    with sandbox_instance(INSTANCE):
         sb.pm2(host, user, "delete", sb.APP_NAME)
         sb.run(["pm2", "start", host.app_dir / "current" / "ecosystem.config.js"], env=sb.user_env(host, user),
                cwd=host.app_dir, user=user)
@@ -299,7 +284,7 @@ def current_rid(h4) -> str:
 
 def instances(h4) -> list[dict]:
     """Per instance {pm_id, pid, status, restarts, release} from `pm2 jlist`, read as the host user."""
-    with instance4():
+    with sandbox_instance(INSTANCE):
         out = sb.pm2(h4["host"], h4["user"], "jlist").stdout
     return instance_facts(app_processes(summarize_jlist(out), sb.APP_NAME))
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, cli, sb
+from conftest import ROOT, sandbox_up, sb
+from instances import sandbox_instance
 
 INSTANCE = "5"
 ENV5 = {"SLIPWAY_SANDBOX_INSTANCE": INSTANCE}
@@ -28,48 +29,30 @@ ENV5 = {"SLIPWAY_SANDBOX_INSTANCE": INSTANCE}
 ALIAS = "sandbox-lockalias"
 
 
-def _set_instance(value: str | None) -> str | None:
-    old = os.environ.get("SLIPWAY_SANDBOX_INSTANCE")
-    if value is None:
-        os.environ.pop("SLIPWAY_SANDBOX_INSTANCE", None)
-    else:
-        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = value
-    return old
-
-
 @pytest.fixture(scope="module")
 def host5():
     """One sandbox host on instance 5 (incident state is fine: only sshd and the app dir matter)."""
-    if os.geteuid() != 0:
-        pytest.fail("these tests need root: the sandbox creates users and sshd")
-    cli("sandbox.up", "--hosts", "1", "--state", "incident", env=ENV5)
-    old = _set_instance(INSTANCE)
-    try:
-        host = sb.Host.make(1)
-        ctl = sb.Controller()
-        alias_dir = host.home / "lockalias"
-        base = sb.host_vars(host, ctl)
-        alias_vars = {k: v for k, v in base.items() if k.startswith("ansible_")}
-        alias_vars["slipway_app_dir"] = str(alias_dir)
-        (ctl.inventory_dir / "lockalias.yml").write_text(
-            yaml.safe_dump({"all": {"hosts": {ALIAS: alias_vars}}}, sort_keys=False))
-        info = {"host": host, "ctl": ctl, "uid": pwd.getpwnam(host.user).pw_uid, "alias_dir": alias_dir}
-    finally:
-        _set_instance(old)
-    yield info
-    cli("sandbox.down", env=ENV5)
+    with sandbox_up(INSTANCE, state="incident"):
+        with sandbox_instance(INSTANCE):
+            host = sb.Host.make(1)
+            ctl = sb.Controller()
+            alias_dir = host.home / "lockalias"
+            base = sb.host_vars(host, ctl)
+            alias_vars = {k: v for k, v in base.items() if k.startswith("ansible_")}
+            alias_vars["slipway_app_dir"] = str(alias_dir)
+            (ctl.inventory_dir / "lockalias.yml").write_text(
+                yaml.safe_dump({"all": {"hosts": {ALIAS: alias_vars}}}, sort_keys=False))
+            info = {"host": host, "ctl": ctl, "uid": pwd.getpwnam(host.user).pw_uid, "alias_dir": alias_dir}
+        yield info
 
 
 @pytest.fixture
 def remote(host5):
     """slipway.remote with SLIPWAY_SANDBOX_INSTANCE=5 for the duration of one test."""
-    old = _set_instance(INSTANCE)
-    from slipway import remote as module
+    with sandbox_instance(INSTANCE):
+        from slipway import remote as module
 
-    try:
         yield module
-    finally:
-        _set_instance(old if old is not None else "1")
 
 
 def lock_files(host) -> tuple[Path, Path]:

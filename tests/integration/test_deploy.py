@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import INVOKE, ROOT, Outputs, cli, host_env, sb
+from conftest import INVOKE, ROOT, Outputs, cli, host_env, sandbox_up, sb
 
 INSTANCE = "6"
 INCIDENT_BODY = {"error": "Failed to track book view"}
@@ -27,19 +27,10 @@ REPORTS: list[Path] = []
 
 @pytest.fixture(scope="module")
 def hosts():
-    if os.geteuid() != 0:
-        pytest.fail("the deploy tests need root: they create users, sshd and PostgreSQL clusters")
-    saved = os.environ.get("SLIPWAY_SANDBOX_INSTANCE")
-    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = INSTANCE
-    try:
-        cli("sandbox.down")
-        cli("sandbox.up", "--hosts", "2", "--state", "incident")
+    with sandbox_up(INSTANCE, hosts=2, state="incident", switch=True):  # every call of this file: instance 6
         found = {h.name: h for h in sb.hosts_in_record()}
         envs = {name: host_env(name) for name in found}
         yield {"hosts": found, "env": envs}
-        cli("sandbox.down")
-    finally:
-        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = saved or "1"
 
 
 def deploy(*args, expect=0, timeout=600, env=None):
@@ -416,3 +407,26 @@ def test_no_secret_in_any_output_report_or_record(hosts):
     assert len(texts) > 10
     for secret in secrets:
         assert not any(secret in t for t in texts)
+
+
+def test_runtime_playbook_installs_the_module_runtime_without_the_lock(hosts):
+    """playbooks/runtime.yml (role preflight, entry point runtime), for read-only commands: the
+    module runtime installed on every host of a group, no deploy lock taken, no record written."""
+    from slipway import release
+    from slipway.runner import run_playbook
+
+    rid, archive, pyver = release.runtime()
+    host = hosts["hosts"]["sandbox-2"]
+    runtime_dir = host.app_dir / ".slipway" / "runtime" / rid
+    shutil.rmtree(runtime_dir)
+    records = (host.app_dir / ".slipway" / "deploys.jsonl").read_text()
+    result = run_playbook("runtime.yml", "sandboxes", {"slipway_runtime_id": rid, "slipway_runtime_archive": str(archive),
+                                                       "slipway_runtime_python": pyver})
+    assert result["rc"] == 0, result["failures"]
+    paths = result["stats"]["runtime"]
+    assert sorted(paths) == ["sandbox", "sandbox-2"]
+    assert paths["sandbox-2"]["python_path"] == str(runtime_dir)
+    assert (runtime_dir / ".complete").exists() and (runtime_dir / "psycopg").is_dir()
+    assert (runtime_dir.stat().st_mode & 0o077) == 0
+    assert not (host.app_dir / ".slipway" / "deploy.lock.json").exists()
+    assert (host.app_dir / ".slipway" / "deploys.jsonl").read_text() == records

@@ -6,14 +6,14 @@ every run, and every other statistics row must stay untouched."""
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from conftest import Outputs, cli, host_env, sb
+from conftest import Outputs, cli, host_env, sandbox_up, sb
+from instances import sandbox_instance
 
 INSTANCE = {"SLIPWAY_SANDBOX_INSTANCE": "3"}
 CASES = ["health", "first view creates the row", "second view increments", "other view type has its own row",
@@ -51,28 +51,19 @@ def instance3(check: bool = False):
             Seen.texts.append(stdout.read())
         return result
 
-    before = os.environ.get("SLIPWAY_SANDBOX_INSTANCE", "1")
-    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = "3"
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(ansible_runner, "run", run)
-            yield
-    finally:
-        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = before if before != "3" else "1"
+    with sandbox_instance("3"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ansible_runner, "run", run)
+        yield
 
 
 @pytest.fixture(scope="module")
 def host():
     """One healthy sandbox host on instance 3 (its APP_URL, API_TOKEN, DATABASE_URL)."""
-    if os.geteuid() != 0:
-        pytest.fail("the smoke tests need root: they create a sandbox host (user, sshd, PostgreSQL, PM2)")
-    cli("sandbox.down", env=INSTANCE)
-    cli("sandbox.up", "--state", "healthy", env=INSTANCE)
-    env = host_env("sandbox", env=INSTANCE)
-    env["DB_PASSWORD"] = urlsplit(env["DATABASE_URL"]).password
-    assert env["SLIPWAY_SMOKE_BOOK_ID"] == sb.SMOKE_BOOK
-    yield env
-    cli("sandbox.down", env=INSTANCE)
+    with sandbox_up("3", state="healthy"):
+        env = host_env("sandbox", env=INSTANCE)
+        env["DB_PASSWORD"] = urlsplit(env["DATABASE_URL"]).password
+        assert env["SLIPWAY_SMOKE_BOOK_ID"] == sb.SMOKE_BOOK
+        yield env
 
 
 def play(extravars: dict | None = None, check: bool = False) -> dict:

@@ -18,7 +18,8 @@ import time
 
 import faults as F
 import pytest
-from conftest import Outputs
+from conftest import Outputs, sandbox_up
+from instances import sandbox_instance
 
 from slipway.paths import READER_APP
 
@@ -30,14 +31,8 @@ STILL = 10  # seconds the state must stay put after the run is gone
 
 @pytest.fixture(scope="module")
 def host():
-    if os.geteuid() != 0:
-        pytest.fail("the fault tests need root: they start a sandbox host")
-    env = {"SLIPWAY_SANDBOX_INSTANCE": INSTANCE}
-    F.invoke("sandbox.down", env=env)
-    proc = F.invoke("sandbox.up", "--state", "incident", env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    yield F.Host("sandbox", INSTANCE)
-    F.invoke("sandbox.down", env=env)
+    with sandbox_up(INSTANCE, state="incident"):
+        yield F.Host("sandbox", INSTANCE)
 
 
 def _fault_run(host, phase: str, fault, delay: float = 0.3, args=()):
@@ -195,7 +190,7 @@ def test_bad_inputs_are_refused_before_anything_changes(host, tmp_path):
     host.reset(0)
     records = len(host.records())
     state = host.state()
-    with F.sandbox_instance(INSTANCE) as sb:
+    with sandbox_instance(INSTANCE) as sb:
         ctl = sb.Controller()
         vault = ctl.vault_file("sandbox")
         password_file = ctl.vault_password_file
@@ -242,3 +237,108 @@ def test_report_is_written_whole_and_private(host, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(report.read_text())
     assert data["result"] == "ok" and (report.stat().st_mode & 0o777) == 0o600
+
+
+def _pg_ctl(host, *args):
+    return F.subprocess.run(["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D",
+                             str(host.host.pgdata), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_postgres_stopped_immediately_mid_migration(host):
+    """The database server dies mid-migration (pg_ctl stop -m immediate: no shutdown checkpoint,
+    every session cut): the run fails, nothing moves afterwards, the migration is all or nothing
+    after crash recovery, and the next deploy converges."""
+    host.reset(ROWS)
+    before = host.state()
+    deploy = F.Deploy(host)
+    deploy.wait_for(" db_migrate")
+    time.sleep(0.3)
+    stopped = _pg_ctl(host, "stop", "-m", "immediate")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    gone, left = F.wait_gone(deploy.proc.pid, host.host.user, timeout=GONE_WITHIN + 30,
+                              masters_before=deploy.masters_before)
+    rc = deploy.finish(timeout=60)
+    Outputs.texts.append(deploy.output)
+    assert gone <= GONE_WITHIN, f"processes of the run left after {gone:.1f}s: {left}"
+    assert rc == 1, deploy.output
+    assert "FAILED in db_migrate" in deploy.output, deploy.output
+    # PostgreSQL back (crash recovery): the migration committed whole or not at all
+    started = _pg_ctl(host, "start", "-w", "-t", "60")
+    assert started.returncode == 0, started.stdout + started.stderr
+    right_after = host.state()
+    assert right_after["tracking_rows"] in (7, 8), right_after
+    assert right_after["sums"] == before["sums"], "a view was lost or invented"
+    if right_after["tracking_rows"] == 7:
+        assert not any("view_type" in name for name, _ in right_after["indexes"]), right_after["indexes"]
+    time.sleep(STILL)
+    assert host.state() == right_after, "the host changed after the run had gone"
+    run_id = _run_id(deploy)
+    record = next(r for r in host.records() if r.get("run_id") == run_id)
+    assert record["result"] == "failed" and record["failure"]["phase"] == "db_migrate", record
+    _converges(host, {"before": before})
+
+
+def test_full_backup_filesystem_fails_the_backup_and_changes_nothing(host):
+    """The backup directory's filesystem fills up while pg_dump writes: the backup fails with the
+    cause, no partial dump is left, nothing after the backup runs (release, migration, reload), and
+    the next deploy, with room again, converges. A filesystem too small from the start is refused
+    by preflight, before any change."""
+    host.reset(ROWS)
+    before = host.state()
+    backups = host.host.backup_dir
+    backups.mkdir(mode=0o700, exist_ok=True)
+    user = F.pwd.getpwnam(host.host.user)
+    os.chown(backups, user.pw_uid, user.pw_gid)
+    with F.psycopg.connect(host.dsn, autocommit=True) as conn:
+        (db_size,) = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+
+    def mount(size: int):
+        proc = F.subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700,uid={user.pw_uid},"
+                                 f"gid={user.pw_gid}", "tmpfs", str(backups)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.fail(f"cannot mount a tmpfs for the backup directory: {proc.stderr.strip()}")
+
+    def umount():
+        F.subprocess.run(["umount", str(backups)], capture_output=True, check=True)
+
+    # too small from the start: preflight says so, nothing changes
+    mount(8 * 1024 * 1024)
+    try:
+        proc = F.invoke("deploy", "--host", "sandbox", env=host.env)
+        Outputs.texts += [proc.stdout, proc.stderr]
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        out = proc.stdout + proc.stderr
+        assert "FAILED in preflight" in out and "MiB free" in out and "slipway_backup_dir" in out, out
+        assert host.state() == before
+    finally:
+        umount()
+
+    # room for preflight's estimate, then full while pg_dump writes
+    mount(db_size + 80 * 1024 * 1024)
+    try:
+        deploy = F.Deploy(host)
+        deploy.wait_for(" db_backup")
+        deadline = time.monotonic() + 30
+        partial = []
+        while time.monotonic() < deadline and not partial:
+            partial = list(backups.glob("*.partial"))
+            time.sleep(0.01)
+        assert partial, "pg_dump did not start writing"
+        free = os.statvfs(backups).f_bavail * os.statvfs(backups).f_frsize
+        with open(backups / "filler", "wb") as filler:
+            os.posix_fallocate(filler.fileno(), 0, max(free - 64 * 1024, 4096))
+        rc = deploy.finish(timeout=300)
+        Outputs.texts.append(deploy.output)
+        out = deploy.output
+        assert rc == 1, out
+        assert "FAILED in db_backup" in out and "No space left on device" in out, out
+        assert sorted(p.name for p in backups.iterdir()) == ["filler"], list(backups.iterdir())
+        after = host.state()
+        assert {k: v for k, v in after.items() if k != "backups"} == \
+            {k: v for k, v in before.items() if k != "backups"}, (before, after)
+        run_id = _run_id(deploy)
+        record = next(r for r in host.records() if r.get("run_id") == run_id)
+        assert record["result"] == "failed" and record["failure"]["phase"] == "db_backup" and not record["backup"], record
+    finally:
+        umount()
+    _converges(host, {"before": before})
