@@ -418,15 +418,16 @@ def test_runtime_playbook_installs_the_module_runtime_without_the_lock(hosts):
     rid, archive, pyver = release.runtime()
     host = hosts["hosts"]["sandbox-2"]
     runtime_dir = host.app_dir / ".slipway" / "runtime" / rid
-    shutil.rmtree(runtime_dir)
-    records = (host.app_dir / ".slipway" / "deploys.jsonl").read_text()
+    shutil.rmtree(runtime_dir, ignore_errors=True)  # installed by the deploys before, if they ran
+    records_file = host.app_dir / ".slipway" / "deploys.jsonl"
+    records = records_file.read_text() if records_file.exists() else None
     result = run_playbook("runtime.yml", "sandboxes", {"slipway_runtime_id": rid, "slipway_runtime_archive": str(archive),
                                                        "slipway_runtime_python": pyver})
     assert result["rc"] == 0, result["failures"]
-    paths = result["stats"]["runtime"]
+    paths = result["data"]["runtime"]
     assert sorted(paths) == ["sandbox", "sandbox-2"]
     assert paths["sandbox-2"]["python_path"] == str(runtime_dir)
     assert (runtime_dir / ".complete").exists() and (runtime_dir / "psycopg").is_dir()
     assert (runtime_dir.stat().st_mode & 0o077) == 0
     assert not (host.app_dir / ".slipway" / "deploy.lock.json").exists()
-    assert (host.app_dir / ".slipway" / "deploys.jsonl").read_text() == records
+    assert (records_file.read_text() if records_file.exists() else None) == records
