@@ -220,11 +220,29 @@ class Pg(object):
     def dump(self, fd):
         self.run(self.argv("pg_dump", ["-Fc"]), "pg_dump", stdout=fd)
 
-    def toc_entries(self, path):
+    def user_objects(self):
+        """How many objects of its own the database holds (relations, types, functions, schemas
+        and extensions outside PostgreSQL's own): 0 for a database nothing was deployed to yet."""
+        sql = ("SELECT (SELECT count(*) FROM pg_namespace WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'public')"
+               " AND nspname NOT LIKE 'pg\\_%') + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+               " WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')"
+               " + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+               " WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'))"
+               " + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')")
+        out = self.run(self.argv("psql", ["-X", "-A", "-t", "-q"], ["-c", sql]), "psql (objects in the database)")
+        try:
+            return int(out.strip())
+        except ValueError:
+            raise bk.BackupError("psql returned %r for the object count; check login_db and the server" % out.strip()[:80])
+
+    def toc_entries(self, path, empty_database=False):
+        """Entries ``pg_restore --list`` reads in the dump at ``path``. A dump of no entries is
+        valid only as the dump of an empty database (``empty_database``: none of its own objects),
+        e.g. before an app's first deploy."""
         listing = self.run([self.program("pg_restore"), "--list", path],
                            "pg_restore --list (verify %s)" % os.path.basename(path))
         count = bk.count_toc(listing)
-        if count <= 0:
+        if count <= 0 and not empty_database:
             raise bk.BackupError("pg_restore --list found no entries in %s; the dump is empty or damaged" % os.path.basename(path))
         return count
 
@@ -272,6 +290,7 @@ def create(module, pg, reason, protect=()):
         name = backup_id + bk.SUFFIX
         final = os.path.join(backup_dir, name)
         partial = final + bk.PARTIAL
+        empty = pg.user_objects() == 0  # counted before the dump: anything made later is in it anyway
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
@@ -279,7 +298,7 @@ def create(module, pg, reason, protect=()):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            toc = pg.toc_entries(partial)
+            toc = pg.toc_entries(partial, empty_database=empty)
             digest = bk.sha256_file(partial)
             os.chmod(partial, 0o600)
             # a deploy run's backup is kept (renamed, listed, journaled) only while the run holds its lock
