@@ -19,6 +19,8 @@ import json
 import os
 import re
 
+from ansible_collections.slipway.core.plugins.module_utils.files import atomic_write
+
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"
 SUFFIX = ".dump"
@@ -141,20 +143,7 @@ def read_manifest(backup_dir, required=False):
 def write_manifest(backup_dir, entries):
     """Atomic replace (temp file 0600 in the same dir, fsync, rename, fsync dir)."""
     path = manifest_path(backup_dir)
-    tmp = path + PARTIAL
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(entries, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
-        os.rename(tmp, path)
-    except Exception:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, json.dumps(entries, indent=2, sort_keys=True) + "\n", 0o600, tmp=path + PARTIAL)
     fsync_dir(backup_dir)
 
 
