@@ -61,6 +61,7 @@ def deploy_extravars(run_id: str, built, runtime: tuple) -> dict:
         "slipway_release_id": built.id,
         "slipway_release_archive": str(built.archive),
         "slipway_migrations": built.migrations,
+        "slipway_app": built.app.as_vars(),
         "slipway_runtime_id": runtime_id,
         "slipway_runtime_archive": str(runtime_archive),
         "slipway_runtime_python": runtime_python,
@@ -338,6 +339,8 @@ def build_report(host: str, hosts: list[str], run_id: str, release_id: str, sour
             "plan": info.get("plan") if check else {k: v for k, v in (info.get("plan") or {}).items() if k != "document"},
             "failure": failure,
             "rolled_back": bool(info.get("rolled_back")),
+            "rolled_back_to": info.get("rolled_back_to"),
+            "stopped": _truthy(info.get("stopped")),
         }
         if cut is not None:
             report["hosts"][name]["interrupted"] = {
@@ -386,6 +389,8 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
         check_report_path(report_path)
     known = check_hosts(hosts)  # the vault decrypts, every secret is there: before anything is built or locked
     built = rel.build(release)
+    if built.app.needs_token:  # the app's smoke tests send the API token (slipway.yml)
+        check_hosts(hosts, required=("slipway_api_token",), optional=())
     runtime_id, runtime_archive, runtime_python = rel.runtime()
     run_id = new_run_id()
     mode = "check (nothing will change)" if check else "deploy"
@@ -460,6 +465,13 @@ def _failure_lines(name: str, info: dict, target: str) -> list[str]:
         lines.append(f"\n{name}: FAILED in {f['phase']}: {f['cause']}")
         if info["rolled_back"]:
             lines += _rollback_lines(name, info)
+        elif info.get("stopped"):
+            lines.append(f"{name}: no release served healthy before this deploy, so the rescue stopped the app "
+                         f"(pm2 delete); current -> {state.get('id')} serves nothing")
+            pm2 = info.get("pm2") or {}
+            if pm2.get("app_error"):
+                lines.append(f"{name}: the app's last error: {pm2['app_error']}")
+            lines.append(f"{name}: next: fix the release, then `invoke deploy --host {name}` again")
         elif f["phase"] == "preflight":
             lines.append(f"{name}: stopped before any change")
     if backup.get("path"):
@@ -475,7 +487,7 @@ def _truthy(value) -> bool:
 def _rollback_lines(name: str, info: dict) -> list[str]:
     """What the deploy's automatic rollback reached, as PM2 showed it at the end: `current` went
     back; whether the previous release really runs (every instance online, health gate passed)."""
-    previous = info.get("previous")
+    previous = info.get("rolled_back_to") or info.get("previous")
     pm2 = info.get("pm2") or {}
     counts = f"{pm2.get('online')}/{pm2.get('total')} instances online" if pm2.get("total") is not None else "instances unknown"
     if pm2.get("release") == previous and _truthy(pm2.get("healthy")):

@@ -22,7 +22,7 @@ from ansible_collections.slipway.core.plugins.module_utils import layout
 
 from .errors import SlipwayError
 
-PHASE_OF = {"backup": "db_backup", "switched": "app_release", "migrations": "db_migrate", "pm2": "pm2_app"}
+PHASE_OF = {"backup": "db_backup", "env": "app_release", "switched": "app_release", "migrations": "db_migrate", "pm2": "pm2_app"}
 
 
 def _files(app_dir: str, run_id: str) -> dict:

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,11 +19,13 @@ import tempfile
 from pathlib import Path
 
 from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
+from . import appconfig
 from .errors import SlipwayError
 from .paths import READER_APP
 
-REQUIRED = ("package.json", "package-lock.json", "ecosystem.config.js", "migrations/meta/_journal.json")
+REQUIRED = ("package.json", "package-lock.json")  # the ecosystem file and migrations: slipway/appconfig.py
 RUNTIME_PACKAGES = ("psycopg", "psycopg_binary", "psycopg_binary.libs", "pglast", "typing_extensions.py")
 _RUNTIME_SKIP = ("__pycache__", ".pyi", ".pxd", ".c", ".h")
 
@@ -40,9 +43,12 @@ def app_files(src: Path) -> list[Path]:
     return files
 
 
-def release_id(src: Path = READER_APP) -> str:
-    """Content address of the app source: same content, same release id."""
+def release_id(src: Path = READER_APP, build: str | None = None) -> str:
+    """Content address of the app source (and of its build command, when it has one): same
+    content, same release id."""
     digest = hashlib.sha256()
+    if build:
+        digest.update(b"build\0" + build.encode() + b"\0")
     for rel in app_files(src):
         digest.update(str(rel).encode() + b"\0")
         digest.update((src / rel).read_bytes() + b"\0")
@@ -64,6 +70,7 @@ class Release:
     files: int
     migrations: dict  # relative path -> text: meta/_journal.json and every <tag>.sql
     journal_tags: list
+    app: appconfig.AppConfig | None = None  # the app's settings (slipway.yml and defaults)
 
 
 def _deterministic_tar(out: Path, members: list[tuple[str, Path]]) -> None:
@@ -105,35 +112,86 @@ def _from_git(spec: str, workdir: Path) -> Path:
     return out
 
 
+BUILD_TIMEOUT = 1800  # seconds a release's build command may take
+
+
+def _clean_copy(src: Path, dest: Path) -> None:
+    """``src`` without what never ships (node_modules, logs, .env, .git), for the build to run in."""
+    for rel in app_files(src):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, target)
+
+
+def _run_build(command: str, workdir: Path, label: str) -> None:
+    """The app's ``build`` (slipway.yml) in ``workdir``; one ``cause; fix`` line when it fails."""
+    try:
+        proc = subprocess.run(["bash", "-c", command], cwd=workdir, capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise SlipwayError(f"release {label}: build `{command}` did not finish in {BUILD_TIMEOUT} s; "
+                           "make it faster or fix 'build' in slipway.yml") from None
+    if proc.returncode != 0:
+        said = [line.strip() for line in (proc.stderr + "\n" + proc.stdout).splitlines() if line.strip()]
+        last = redact_text(said[-1][:300]) if said else "no output"
+        raise SlipwayError(f"release {label}: build `{command}` failed (exit {proc.returncode}): {last}; "
+                           "fix the build (it runs in a clean copy of the app) or 'build' in slipway.yml")
+
+
+def _source(spec: str | None, tmp: Path) -> tuple[Path, str]:
+    """(the app's source directory, its label) for ``--release`` (None: the reference app)."""
+    if spec is None:
+        return READER_APP, str(READER_APP)
+    if Path(spec).is_dir():
+        return Path(spec).resolve(), str(Path(spec).resolve())
+    return _from_git(spec, tmp), spec
+
+
+def settings(spec: str | None = None) -> appconfig.AppConfig:
+    """The app settings (slipway.yml and defaults) of the release ``spec`` names, nothing built."""
+    with tempfile.TemporaryDirectory(prefix="slipway-release-") as tmp:
+        src, label = _source(spec, Path(tmp))
+        return appconfig.load(src, f"release {label}")
+
+
 def build(spec: str | None = None) -> Release:
     """Resolve ``--release`` (None: the reference app; a directory; or a git ref) into a release
-    archive in the controller's cache; refuses an incomplete app or a damaged migrations folder."""
+    archive in the controller's cache; refuses an incomplete app, bad app settings (slipway.yml), a
+    damaged migrations folder or a failing build. With a ``build`` command the release is what the
+    build leaves in a clean copy of the source; its id names the source and the command, so the
+    same source is built once and found installed on the next deploy."""
     with tempfile.TemporaryDirectory(prefix="slipway-release-") as tmp:
-        if spec is None:
-            src, label = READER_APP, str(READER_APP)
-        elif Path(spec).is_dir():
-            src, label = Path(spec).resolve(), str(Path(spec).resolve())
-        else:
-            src, label = _from_git(spec, Path(tmp)), spec
+        src, label = _source(spec, Path(tmp))
         missing = [name for name in REQUIRED if not (src / name).is_file()]
         if missing:
             raise SlipwayError(f"release {label} is not a deployable app: missing {', '.join(missing)}; "
-                               "it needs package.json + package-lock.json (npm ci), ecosystem.config.js and migrations/")
+                               "it needs package.json + package-lock.json (the host runs npm ci)")
+        app = appconfig.load(src, f"release {label}")
         try:
-            folder = read_folder(str(src / "migrations"))
+            folder = read_folder(str(src / app.migrations))
         except MigrationError as exc:
             raise SlipwayError(f"release {label}: {exc}") from None
-        rid = release_id(src)
-        files = app_files(src)
+        rid = release_id(src, app.build)
         out = cache_dir() / "releases" / f"{rid}.tar.gz"
         out.parent.mkdir(mode=0o700, exist_ok=True)
-        if not out.exists():
-            _deterministic_tar(out, [(str(rel), src / rel) for rel in files])
-        migrations = {"meta/_journal.json": (src / "migrations" / "meta" / "_journal.json").read_text()}
+        if out.exists():
+            with tarfile.open(out) as tar:
+                files = sum(1 for m in tar.getmembers() if m.isfile())
+        else:
+            packed = src
+            if app.build:
+                packed = Path(tmp) / "build"
+                _clean_copy(src, packed)
+                _run_build(app.build, packed, label)
+            names = app_files(packed)
+            _deterministic_tar(out, [(str(rel), packed / rel) for rel in names])
+            files = len(names)
+        base = src / app.migrations
+        migrations = {"meta/_journal.json": (base / "meta" / "_journal.json").read_text()}
         for entry in folder["migrations"]:
-            migrations[f"{entry['tag']}.sql"] = (src / "migrations" / f"{entry['tag']}.sql").read_text()
-        return Release(id=rid, source=label, archive=out, files=len(files), migrations=migrations,
-                       journal_tags=[m["tag"] for m in folder["migrations"]])
+            migrations[f"{entry['tag']}.sql"] = (base / f"{entry['tag']}.sql").read_text()
+        return Release(id=rid, source=label, archive=out, files=files, migrations=migrations,
+                       journal_tags=[m["tag"] for m in folder["migrations"]], app=app)
 
 
 def runtime() -> tuple[str, Path, str]:

@@ -35,12 +35,16 @@ def table(lines: list[tuple[str, ...]]) -> list[str]:
     return [fmt.format(*COLUMNS).rstrip(), *(fmt.format(*r).rstrip() for r in lines)]
 
 
-def smoke(host: str, as_json: bool = False, extravars: dict | None = None) -> int:
+def smoke(host: str, as_json: bool = False, extravars: dict | None = None, release: str | None = None) -> int:
     """Run the smoke tests on ``host`` (inventory host or group); print a table (or, with
     ``as_json``, one JSON document and nothing else); return 0 when every case of every host
-    passed, else 1. ``extravars`` override role variables (``smoke_test_*``)."""
+    passed, else 1. The checks are those the app's slipway.yml names (``release``: the app's
+    directory or git ref, as for deploy; default the reference app); ``extravars`` override role
+    variables (``smoke_test_*``)."""
+    from .release import settings
+
     targets = resolve_target(host)
-    result = run_playbook("smoke.yml", host, extravars)
+    result = run_playbook("smoke.yml", host, {"slipway_app": settings(release).as_vars(), **(extravars or {})})
     hosts = result["data"].get("smoke", {}) or {}
     failures = result["failures"]
     ok = result["rc"] == 0 and all(hosts.get(t, {}).get("ok") is True for t in targets)

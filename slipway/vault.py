@@ -51,10 +51,14 @@ def load(path: Path, password_file: Path) -> dict:
     return data
 
 
-REQUIRED_SECRETS = ("slipway_db_password", "slipway_api_token")
+REQUIRED_SECRETS = ("slipway_db_password",)
+# needed only by some apps (the reader app's track-view smoke cases, smoke checks with auth), and
+# scrubbed from every output wherever it is set
+OPTIONAL_SECRETS = ("slipway_api_token",)
 
 
-def check_hosts(hosts: list[str], required: tuple[str, ...] = REQUIRED_SECRETS) -> list[str]:
+def check_hosts(hosts: list[str], required: tuple[str, ...] = REQUIRED_SECRETS,
+                optional: tuple[str, ...] = OPTIONAL_SECRETS) -> list[str]:
     """Before a run changes anything: the vault password is available and decrypts every vault
     file the hosts' variables come from, and each host has every secret. One-line SlipwayError
     naming the cause and the fix; no secret is ever in it. Returns the secrets' values, for
@@ -106,6 +110,13 @@ def check_hosts(hosts: list[str], required: tuple[str, ...] = REQUIRED_SECRETS) 
             raise SlipwayError(f"{host}: cannot read its inventory variables ({type(exc).__name__}); "
                                "fix the inventory file it names: " + where) from None
         templar = Templar(loader=loader, variables=values)
+        for key in optional:
+            try:
+                value = templar.template(values.get(key)) if isinstance(values.get(key), str) else values.get(key)
+            except AnsibleError:
+                value = None
+            if value not in (None, ""):
+                known.append(str(value))
         for key in required:
             value = values.get(key)
             try:

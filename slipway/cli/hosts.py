@@ -29,13 +29,15 @@ def ping(c, host, json=False):
         raise Exit(code=1)
 
 
-@task(help={"host": "inventory host or group", "json": "print one JSON document"})
+@task(help={"host": "inventory host or group", "json": "print one JSON document",
+            "release": "the app whose slipway.yml names the smoke checks: its directory or a git ref, as for deploy "
+                       "(default: the reference app)"})
 @cli
-def smoke(c, host, json=False):
-    """Smoke-test the app: health + the incident runbook's four track-view cases on the smoke book (deltas)."""
+def smoke(c, host, json=False, release=None):
+    """Smoke-test the app: its health and the HTTP checks its slipway.yml lists (the reference app: the incident runbook's track-view cases on the smoke book, as deltas)."""
     from slipway.smoke import smoke as run_smoke
 
-    if run_smoke(host, json):
+    if run_smoke(host, json, release=release):
         raise Exit(code=1)
 
 

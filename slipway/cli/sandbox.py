@@ -7,7 +7,7 @@ from .. import sandbox as sb
 from . import cli
 
 
-@task(help={"hosts": "number of hosts (sandbox, sandbox-2, ...), 1-19", "state": "incident (0007 missing) or healthy"})
+@task(help={"hosts": "number of hosts (sandbox, sandbox-2, ...), 1-19", "state": "incident (0007 missing), healthy, or bare (nothing deployed: an empty database, no app)"})
 @cli
 def up(c, hosts=1, state="incident"):
     """Start real local target hosts (user, sshd, PostgreSQL 15, PM2 app) and write their inventory."""

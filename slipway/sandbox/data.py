@@ -126,3 +126,19 @@ def ensure_database_state(host: Host, user: pwd.struct_passwd, password: str, wa
         drizzle_migrate(host, user, password, None)
     log(host.name, f"database in {want} state ({'all migrations applied' if want == 'healthy' else '0007 not applied, duplicate rows seeded'})")
     return True
+
+
+def empty_database(host: Host) -> bool:
+    """The app's database with nothing in it (for a bare host): rebuilt when it holds any object
+    of its own. True when it was empty already."""
+    objects = psql_admin(host, "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                               "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%' "
+                               "AND n.nspname <> 'information_schema'", db=DB_NAME)
+    schemas = psql_admin(host, "SELECT count(*) FROM pg_namespace WHERE nspname NOT IN "
+                               "('pg_catalog', 'information_schema', 'public') AND nspname NOT LIKE 'pg\\_%'", db=DB_NAME)
+    if objects == "0" and schemas == "0":
+        return True
+    psql_admin(host, f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE);\nCREATE DATABASE {DB_NAME} OWNER {DB_USER};")
+    log(host.name, f"database {DB_NAME} emptied (bare host)")
+    return False
+

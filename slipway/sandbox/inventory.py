@@ -31,11 +31,18 @@ def host_vars(host: Host, ctl: Controller) -> dict:
     }
 
 
-def write_inventory(hosts: list[Host], ctl: Controller) -> None:
+def write_inventory(hosts: list[Host], ctl: Controller, state: str = "incident") -> None:
+    """The sandbox's inventory (group ``sandboxes``). A bare host also gets ``slipway_app_env``,
+    as a production inventory for an app that reads its settings from the environment would:
+    the deploy writes shared/.env from it (DATABASE_URL and PORT added)."""
+    hosts_vars = {h.name: host_vars(h, ctl) for h in hosts}
+    if state == "bare":
+        for h in hosts:
+            hosts_vars[h.name]["slipway_app_env"] = {"HOST": h.address, "NODE_ENV": "production"}
     inventory = {
         "all": {
             "children": {
-                "sandboxes": {"hosts": {h.name: host_vars(h, ctl) for h in hosts}},
+                "sandboxes": {"hosts": hosts_vars},
             }
         }
     }

@@ -15,7 +15,7 @@ from ansible_collections.slipway.core.plugins.module_utils.redact import redact_
 from .. import vault
 from ..errors import SlipwayError
 from .controller import Controller
-from .data import SMOKE_BOOK, ensure_database_state
+from .data import SMOKE_BOOK, empty_database, ensure_database_state
 from .inventory import write_inventory
 from .layout import MAX_HOSTS, SSH_PORT, STATES, Host, host_index, hosts_base, log
 from .processes import kill_pids, run, user_pids
@@ -34,8 +34,32 @@ from .provision import (
 )
 
 
+def up_bare(host: Host, user: pwd.struct_passwd, ctl: Controller, creds: dict) -> bool:
+    """A host nothing was deployed to: the user, sshd, PostgreSQL with the app's role and an empty
+    database, Node and PM2 on the PATH; no app directory, no PM2 daemon. True if changed."""
+    changed = False
+    if daemon_pid(str(host.pm2_home)) is not None:
+        pm2(host, user, "kill", check=False, timeout=30)
+        changed = True
+    for path, mode in ((host.home / ".ssh", 0o700), (host.backup_dir, 0o700)):
+        path.mkdir(parents=True, exist_ok=True)
+        os.chown(path, user.pw_uid, user.pw_gid)
+        os.chmod(path, mode)
+    ensure_sshd(host, user, ctl)
+    ensure_postgres(host, user, creds["slipway_db_password"])
+    for path in (host.app_dir, host.pm2_home):
+        if path.exists():
+            shutil.rmtree(path)
+            changed = True
+    if empty_database(host) is False:
+        changed = True
+    return changed
+
+
 def up_host(host: Host, user: pwd.struct_passwd, ctl: Controller, rid: str, build: Path, want: str) -> bool:
     creds = ctl.secrets_for(host.name)
+    if want == "bare":
+        return up_bare(host, user, ctl, creds)
     ensure_dirs(host, user)
     ensure_sshd(host, user, ctl)
     ensure_postgres(host, user, creds["slipway_db_password"])
@@ -71,7 +95,7 @@ def down_host(host: Host) -> None:
 
 def up(count: int = 1, state: str = "incident") -> list[Host]:
     if state not in STATES:
-        raise SlipwayError(f"unknown state {state!r}; use --state incident or --state healthy")
+        raise SlipwayError(f"unknown state {state!r}; use --state {', '.join(STATES)}")
     if not 1 <= count <= MAX_HOSTS:
         raise SlipwayError(f"--hosts {count} is out of range; use 1 to {MAX_HOSTS}")
     preflight()
@@ -110,7 +134,7 @@ def up(count: int = 1, state: str = "incident") -> list[Host]:
     record["state"] = state
     record["release"] = rid
     ctl.save_state(record)
-    write_inventory(hosts, ctl)
+    write_inventory(hosts, ctl, state)
     for h in hosts:
         log(h.name, f"{'changed' if results[h.name] else 'unchanged'}: {h.app_url} (ssh {h.user}@{h.address}:{SSH_PORT})")
     print(f"sandbox: up in {time.monotonic() - started:.1f}s; inventory {ctl.inventory_file}", flush=True)

@@ -325,10 +325,10 @@ def pm2(host: Host, user: pwd.struct_passwd, *args, check=True, timeout=90):
     return run(["pm2", *args], env=user_env(host, user), cwd=host.home, user=user, check=check, timeout=timeout)
 
 
-def pm2_app_state(host: Host, user: pwd.struct_passwd) -> dict:
+def pm2_app_state(host: Host, user: pwd.struct_passwd, app: str = APP_NAME) -> dict:
     if daemon_pid(str(host.pm2_home)) is None:
-        return app_summary([], APP_NAME)
-    return app_summary(summarize_jlist(pm2(host, user, "jlist").stdout), APP_NAME)
+        return app_summary([], app)
+    return app_summary(summarize_jlist(pm2(host, user, "jlist").stdout), app)
 
 
 def pm2_start_env(host: Host, user: pwd.struct_passwd) -> dict:

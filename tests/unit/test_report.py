@@ -64,6 +64,30 @@ def test_a_rollback_that_left_the_app_down_is_not_called_a_rollback_that_worked(
     assert "the app's last error: Error: ECONNREFUSED 127.0.0.1:5432" in text
 
 
+def test_a_rescue_returns_to_the_release_that_served_healthy_not_merely_the_previous_one():
+    tracker = _tracker(("pm2_app", "runner_on_failed", False))
+    data = {"result": "failed", "previous": "r2", "rolled_back": True, "rolled_back_to": "r1",
+            "failure": {"phase": "pm2_app", "task": "t", "cause": "gate failed"},
+            "pm2": {"action": "reloaded", "release": "r1", "healthy": True, "online": 2, "total": 2, "processes": []}}
+    report = build_report(HOST, [HOST], "run-1", "r3", "dir", False, _result(2, data), [], tracker, {}, "", 1.0)
+    assert report["hosts"][HOST]["rolled_back_to"] == "r1"
+    assert "rolled back: current -> r1; PM2 runs it healthy" in "\n".join(render_report(report))
+
+
+def test_a_rescue_that_stopped_the_app_says_so():
+    tracker = _tracker(("pm2_app", "runner_on_failed", False))
+    data = {"result": "failed", "previous": None, "rolled_back": False, "stopped": "True",
+            "release_state": {"id": "r1", "previous": None, "switched": True},
+            "failure": {"phase": "pm2_app", "task": "t", "cause": "pm2_app started app failed: app error: Error: boom"},
+            "pm2": {"action": "deleted", "release": "r1", "healthy": False, "online": 0, "total": 0, "processes": []}}
+    report = build_report(HOST, [HOST], "run-1", "r1", "dir", False, _result(2, data), [], tracker, {}, "", 1.0)
+    assert report["hosts"][HOST]["stopped"] is True
+    text = "\n".join(render_report(report))
+    assert "no release served healthy before this deploy, so the rescue stopped the app (pm2 delete); " \
+           "current -> r1 serves nothing" in text
+    assert "rolled back" not in text
+
+
 def test_an_interrupted_run_is_reported_from_its_journal():
     events = [{"event": "backup", "id": "b1", "path": "/b/b1.dump"},
               {"event": "switched", "release": "r2", "previous": "r1"},

@@ -24,6 +24,8 @@ import os
 import re
 import stat
 
+from ansible_collections.slipway.core.plugins.module_utils import layout
+
 # Fields copied from pm2_env (everything else, including env and the app's variables, is dropped).
 _ENV_FIELDS = (
     "status",
@@ -67,6 +69,21 @@ def daemon_pid(pm2_home):
     return pid
 
 
+def cwd_release(pid):
+    """The release process ``pid`` runs as the kernel sees it: the id of ``<app>/releases/<id>``
+    when that is its working directory (PM2 starts each worker in the app's ``cwd``, the
+    ``current`` link resolved at that moment), else None (not readable here, not a release, or the
+    release directory deleted since)."""
+    try:
+        real = os.readlink("/proc/%d/cwd" % int(pid))
+    except (OSError, ValueError, TypeError):
+        return None
+    parent, name = os.path.split(real.rstrip("/"))
+    if os.path.basename(parent) != layout.RELEASES_DIR or not name or " " in name or layout.is_staging(name):
+        return None
+    return name
+
+
 def summarize_jlist(text):
     """Parse ``pm2 jlist`` output into a list of safe per-process dicts.
 
@@ -91,9 +108,10 @@ def summarize_jlist(text):
         }
         for field in _ENV_FIELDS:
             proc[field] = env.get(field)
-        # The release the process runs, when the app reports it (never the whole env).
+        # The release the process runs: its working directory as the kernel resolved it
+        # (<app>/releases/<id>), else the RELEASE_ID it was started with (never the whole env).
         app_env = env.get("env") or {}
-        proc["release"] = env.get("RELEASE_ID") or app_env.get("RELEASE_ID")
+        proc["release"] = cwd_release(item.get("pid")) or env.get("RELEASE_ID") or app_env.get("RELEASE_ID")
         monit = item.get("monit") or {}
         proc["memory"] = monit.get("memory")
         proc["cpu"] = monit.get("cpu")

@@ -49,6 +49,12 @@ options:
     type: str
     choices: [present, switched]
     default: present
+  env:
+    description:
+      - The app's environment, written to C(shared/.env) (mode 0600, atomically, only while the deploy
+        run holds its lock) when it differs from the file; one C(KEY=VALUE) line per key, a value that
+        is not plain double-quoted. Omitted - the file is left as it is. Never returned or logged.
+    type: dict
 author:
   - slipway developers
 notes:
@@ -71,6 +77,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+env_changed:
+  description: Whether C(shared/.env) was (in check mode, would be) rewritten from I(env).
+  returned: always
+  type: bool
 release:
   description: The release C(current) points at after the run.
   returned: always
@@ -108,6 +118,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.slipway.core.plugins.module_utils import layout, runguard
+from ansible_collections.slipway.core.plugins.module_utils.files import atomic_write
 from ansible_collections.slipway.core.plugins.module_utils.oneline import one_line
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
@@ -207,6 +218,36 @@ def install(module, app_dir, rid, archive):
         raise
 
 
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def env_text(env):
+    """``shared/.env``'s text for the mapping ``env``: one KEY=VALUE line per key, sorted; a value
+    that is not plain is double-quoted with \\, \" and \n escaped (dotenv's and the reader app's
+    parsers read it back as written). Raises ValueError naming a bad key (never a value)."""
+    lines = ["# written by slipway (inventory: slipway_app_env); mode 0600"]
+    for key in sorted(env):
+        if not ENV_KEY.match(str(key)):
+            raise ValueError("slipway_app_env key %r is not an environment variable name; use [A-Za-z_][A-Za-z0-9_]*" % key)
+        value = "" if env[key] is None else str(env[key])
+        if not re.match(r"^[A-Za-z0-9_@%+=:,./-]*$", value):
+            value = '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+        lines.append("%s=%s" % (key, value))
+    return "\n".join(lines) + "\n"
+
+
+def write_env(path, text):
+    """Write ``text`` to ``path`` (0600) atomically; True when it changed."""
+    try:
+        with open(path) as handle:
+            if handle.read() == text:
+                return False
+    except (IOError, OSError):
+        pass
+    atomic_write(path, text, 0o600)
+    return True
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -218,6 +259,7 @@ def main():
                              default=["npm", "ci", "--omit=dev", "--no-audit", "--no-fund", "--loglevel=error"]),
             keep=dict(type="int", default=5),
             state=dict(type="str", default="present", choices=["present", "switched"]),
+            env=dict(type="dict", no_log=True),
         ),
         supports_check_mode=True,
     )
@@ -233,7 +275,19 @@ def main():
 
     previous = current_release(app_dir)
     have = installed(releases_dir, rid)
-    result = dict(changed=False, release=rid, previous=previous, installed=False, switched=False, pruned=[])
+    result = dict(changed=False, release=rid, previous=previous, installed=False, switched=False, pruned=[],
+                  env_changed=False)
+    env_path = os.path.join(app_dir, layout.SHARED_DIR, layout.ENV_FILE)
+    if p["env"] is not None:
+        try:
+            text = env_text(p["env"])
+        except ValueError as exc:
+            module.fail_json(msg=str(exc), **result)
+        try:
+            with open(env_path) as handle:
+                result["env_changed"] = handle.read() != text
+        except (IOError, OSError):
+            result["env_changed"] = True
 
     if p["state"] == "switched":
         if not have:
@@ -255,6 +309,10 @@ def main():
                 path = os.path.join(app_dir, sub)
                 if not os.path.isdir(path):
                     os.mkdir(path, mode)
+            if result["env_changed"]:
+                with guard.hold():  # the app's environment changes only while the run holds the deploy lock
+                    write_env(env_path, text)
+                    guard.record("env", path=env_path)
             if result["installed"]:
                 install(module, app_dir, rid, p["archive"])
             if result["switched"]:
@@ -294,7 +352,7 @@ def main():
                 shutil.rmtree(os.path.join(releases_dir, name), ignore_errors=True)
     result["pruned"] = doomed
     result["releases"] = [r for r in listed if r not in doomed]
-    result["changed"] = bool(result["installed"] or result["switched"] or doomed)
+    result["changed"] = bool(result["installed"] or result["switched"] or doomed or result["env_changed"])
     if module._diff:
         result["diff"] = {"before": {"current": previous}, "after": {"current": rid}}
     module.exit_json(**result)

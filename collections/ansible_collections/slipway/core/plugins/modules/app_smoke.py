@@ -9,12 +9,13 @@ __metaclass__ = type
 DOCUMENTATION = r"""
 ---
 module: app_smoke
-short_description: Smoke-test the reader app with the incident runbook's test cases
+short_description: Smoke-test an app - its health, HTTP checks, and the reader app's track-view cases
 version_added: "0.3.0"
 description:
-  - Runs, on the target host, the health check and the incident runbook's four test cases against
-    the app's HTTP API on one dedicated smoke book, then any I(extra_checks).
-  - C(health) - GET I(health_path) answers 200 with C(status=ok) (and C(release=I(expect_release)) when set).
+  - Runs, on the target host, the health check, then (with I(track_view)) the incident runbook's four
+    test cases against the reference app's HTTP API on one dedicated smoke book, then any I(extra_checks).
+  - C(health) - GET I(health_path) answers I(health_status); with I(track_view) also C(status=ok);
+    C(release=I(expect_release)) when set and the answer names a release (always with I(track_view)).
   - C(first view creates the row) - with I(reset), the smoke book's statistics rows are deleted first
     (only that book's); one POST of the first view type answers 200, the app's stats show 1 and the table holds
     exactly one row for (book, view type). Without I(reset) a +1 delta is asserted instead.
@@ -32,14 +33,19 @@ options:
     description: Base URL of the app, e.g. C(http://127.0.0.1:3000).
     type: str
     required: true
+  track_view:
+    description: Run the reference app's track-view cases (the smoke plugin C(reader-track-view) of an
+      app's slipway.yml) and expect its health answer's C(status = ok); false runs the health check and
+      I(extra_checks) only.
+    type: bool
+    default: true
   token:
-    description: The app's API token, sent in the C(Authorization) header as a Bearer token.
+    description: The app's API token, sent in the C(Authorization) header as a Bearer token (by the
+      track-view cases and the extra checks with C(auth)); required by them.
     type: str
-    required: true
   book_id:
-    description: Id (UUID) of an existing book reserved for smoke tests.
+    description: Id (UUID) of an existing book reserved for smoke tests; required with I(track_view).
     type: str
-    required: true
   view_types:
     description: Two distinct view types; the first is tracked by cases 1, 2 and 4, the second by case 3.
     type: list
@@ -49,6 +55,10 @@ options:
     description: Number of simultaneous requests of case 4.
     type: int
     default: 20
+  health_status:
+    description: The HTTP status the health endpoint answers when the app is healthy.
+    type: int
+    default: 200
   timeout:
     description: Seconds to wait for each HTTP request.
     type: float
@@ -293,13 +303,18 @@ class Smoke(object):
 
     # Each case returns its verdict, (ok, expected, got), which run() records.
     def case_health(self):
-        status, doc, text = self.http("GET", self.p["health_path"])
-        expected, got = ["HTTP 200", "status = ok"], ["HTTP %s" % status]
-        if status != 200 and not isinstance(doc, dict):
+        """The health status; the reference app's ``status = ok`` with its track-view cases; the
+        release, when one is expected and the app names one (or is the reference app)."""
+        want = self.p["health_status"]
+        status, doc, text = self.http("GET", self.p["health_path"], auth=False)
+        expected, got = ["HTTP %d" % want], ["HTTP %s" % status]
+        if status != want and not isinstance(doc, dict):
             return False, expected, self.show(status, text)
         doc = doc if isinstance(doc, dict) else {}
-        got.append("status = %s" % doc.get("status", MISSING))
-        if self.p["expect_release"]:
+        if self.p["track_view"]:
+            expected.append("status = ok")
+            got.append("status = %s" % doc.get("status", MISSING))
+        if self.p["expect_release"] and (self.p["track_view"] or "release" in doc):
             expected.append("release = %s" % self.p["expect_release"])
             got.append("release = %s" % doc.get("release", MISSING))
         return compared(expected, got)
@@ -370,13 +385,14 @@ class Smoke(object):
         n = self.p["concurrency"]
         first = "first view creates the row" if self.p["reset"] else "first view creates the row (no reset: +1 delta)"
         second, other, many = "second view increments", "other view type has its own row", "%d concurrent views" % n
-        steps = [
-            ("health", self.case_health),
-            (first, lambda: self.case_views(a, 1, [a], reset=self.p["reset"])),
-            (second, lambda: self.case_views(a, 1, [a])),
-            (other, lambda: self.case_views(b, 1, [a, b])),
-            (many, lambda: self.case_views(a, n, [a])),
-        ]
+        steps = [("health", self.case_health)]
+        if self.p["track_view"]:  # the plugin reader-track-view: the incident's cases on the smoke book
+            steps += [
+                (first, lambda: self.case_views(a, 1, [a], reset=self.p["reset"])),
+                (second, lambda: self.case_views(a, 1, [a])),
+                (other, lambda: self.case_views(b, 1, [a, b])),
+                (many, lambda: self.case_views(a, n, [a])),
+            ]
         for check in self.p["extra_checks"]:
             steps.append((check["name"], lambda check=check: self.extra(check)))
         return steps
@@ -430,8 +446,9 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             url=dict(type="str", required=True),
-            token=dict(type="str", required=True, no_log=True),
-            book_id=dict(type="str", required=True),
+            track_view=dict(type="bool", default=True),
+            token=dict(type="str", no_log=True),
+            book_id=dict(type="str"),
             view_types=dict(type="list", elements="str", default=["card_view", "reader_open"]),
             concurrency=dict(type="int", default=20),
             timeout=dict(type="float", default=10.0),
@@ -439,6 +456,7 @@ def main():
             **postgres.postgres_argument_spec(),
             psql_bin=dict(type="str", default="psql"),
             health_path=dict(type="str", default="/api/health"),
+            health_status=dict(type="int", default=200),
             expect_release=dict(type="str"),
             extra_checks=dict(
                 type="list", elements="dict", default=[],
@@ -463,14 +481,21 @@ def main():
     def bad(msg):
         module.fail_json(msg=msg, changed=False, ok=False, cases=[], summary="not run")
 
-    if not UUID_RE.match(p["book_id"] or ""):
+    if p["track_view"] and not p["token"]:
+        bad("the track-view cases (smoke plugin reader-track-view) need the app's API token; set slipway_api_token "
+            "(vault), or leave the plugin out of the app's slipway.yml")
+    if p["track_view"] and not UUID_RE.match(p["book_id"] or ""):
         bad("smoke book id %r is not a UUID; set slipway_smoke_book_id to an existing book's id" % p["book_id"])
+    for check in p["extra_checks"]:
+        if check["auth"] and not p["token"]:
+            bad("smoke check %r sends the API token (auth) but none is set; set slipway_api_token (vault), "
+                "or auth: false on the check" % check["name"])
     if len(set(p["view_types"])) < 2:
         bad("view_types needs two distinct view types, got %s; set smoke_test_view_types, e.g. [card_view, reader_open]"
             % p["view_types"])
     if p["concurrency"] < 1:
         bad("concurrency must be at least 1, got %d; set smoke_test_concurrency" % p["concurrency"])
-    if p["reset"] and not p["login_db"]:
+    if p["track_view"] and p["reset"] and not p["login_db"]:
         bad("reset=true needs the database login (login_db, login_host, login_user, login_password: slipway_db_*); "
             "set them, or set smoke_test_reset: false")
     if not re.match(r"^https?://", p["url"]):
@@ -495,7 +520,7 @@ def main():
     ok = all(c["ok"] is True for c in smoke.cases)
     result = dict(changed=False, ok=ok, summary=summary(), cases=smoke.cases)
     try:
-        final, _ = smoke.stats()
+        final = smoke.stats()[0] if p["track_view"] else None
     except Unreachable:
         final = None
     if final is not None:

@@ -63,6 +63,13 @@ options:
     description: The pm2 executable.
     type: str
     default: pm2
+  state:
+    description: C(present) starts or reloads the app as described above; C(absent) deletes the app's
+      processes from PM2 (C(pm2 delete), then C(pm2 save)) and does nothing else - e.g. after a first
+      deploy that failed, when no release ever served healthy.
+    type: str
+    choices: [present, absent]
+    default: present
   ecosystem:
     description: The ecosystem file's name inside the release.
     type: str
@@ -82,9 +89,15 @@ options:
     type: dict
     default: {}
   health_url:
-    description: URL answering 200 with a JSON body holding C(release).
+    description: The app's health URL. An answer counts when it has I(health_status) and, when its
+      JSON body holds C(release), that release; an app whose answer names no release is judged by
+      PM2's record of each instance's release (the C(RELEASE_ID) its pm2 commands carry).
     type: str
     required: true
+  health_status:
+    description: The HTTP status a healthy app answers I(health_url) with.
+    type: int
+    default: 200
   health_timeout:
     description: Seconds for the action and its health gate together.
     type: float
@@ -259,6 +272,7 @@ class Pm2App(object):
         self.ecosystem = os.path.join(self.current, p["ecosystem"])
         self.pm2_home = p["pm2_home"] or default_home()
         self.health_url = p["health_url"]
+        self.health_status = p["health_status"]
         self.pm2_bin = None
         self.client = HttpClient()  # loopback/internal URLs: never via a proxy
 
@@ -399,6 +413,17 @@ class Pm2App(object):
         self.last_pid = body.get("pid") if isinstance(body, dict) else None
         return status, release, redact_text(one_line("HTTP %s %s" % (status, text), 200))
 
+    def serves(self, status, seen, release, procs):
+        """An answer of ``release``: the health status, and the body's ``release`` when the app
+        sends one; an app that does not is judged by PM2's own record of every instance's release
+        (the RELEASE_ID slipway's pm2 commands start it with)."""
+        if status != self.health_status:
+            return False
+        if seen is not None:
+            return seen == release
+        facts = instance_facts(procs)
+        return bool(facts) and all(f["release"] == release for f in facts)
+
     @staticmethod
     def _describe(procs):
         """``instances 1/2 online (0 errored r2 16 restarts, 1 online r1 0 restarts)``."""
@@ -436,13 +461,13 @@ class Pm2App(object):
                     stable_since, signature = now, sig
             status, seen_release, detail = self.probe(min(2.0, max(0.2, deadline - now)))
             pid = self.last_pid
-            if status == 200 and seen_release == release:
+            if self.serves(status, seen_release, release, procs):
                 successes += 1
                 good.add(pid)
                 wrong.pop(pid, None)
             else:
                 successes = 0
-                if status == 200 and pid is not None:
+                if status == self.health_status and pid is not None and seen_release is not None:
                     good.discard(pid)
                     wrong[pid] = seen_release
             now = time.time()
@@ -638,7 +663,7 @@ class Rollout(object):
     def predict(self):
         """Check mode: one probe of the app as it serves now; ends the module."""
         status, seen, _ = self.app.probe(2.0)
-        ok = status == 200 and seen == self.release
+        ok = self.app.serves(status, seen, self.release, self.app.jlist())
         self.result["health"] = dict(status=status, release=seen, successes=1 if ok else 0)
         self.result["healthy"] = self.action == "none" and ok
         self.module.exit_json(**self.result)
@@ -695,11 +720,13 @@ class Rollout(object):
         """The action and its health gate, with the recovery when they fail; (processes, health)."""
         app, action = self.app, self.action
         try:
+            # --cwd: an ecosystem file that names its script relative to its cwd (or names no cwd)
+            # runs from the `current` link itself, so every later reload runs what it points at then
             if action == "started":
-                self.act(["start", app.ecosystem], [])
+                self.act(["start", app.ecosystem, "--cwd", app.current], [])
             elif action == "restarted":
                 self.act(["delete", app.app_name], procs)
-                self.act(["start", app.ecosystem], [])
+                self.act(["start", app.ecosystem, "--cwd", app.current], [])
             elif action == "reloaded":
                 self.act(["reload", app.ecosystem, "--update-env"], procs)
             if action == "none":
@@ -762,6 +789,43 @@ class Rollout(object):
         self.guard.finish()
         self.module.exit_json(**self.result)
 
+    def remove(self):
+        """state=absent: the app's processes deleted from PM2 and the saved process list updated,
+        only while the run holds the deploy lock (journaled). Ends the module."""
+        app = self.app
+        current = os.path.realpath(app.current) if os.path.lexists(app.current) else ""
+        self.release = self.result["release"] = os.path.basename(current) or None
+        before = self.observe(self.read_state())
+        self.result.update(action="deleted" if before["instances"] else "none", pids_before=before["pids"],
+                           reason="state=absent", changed=bool(before["instances"]))
+        if not before["instances"] or self.module.check_mode:
+            self.module.exit_json(**self.result)
+        self.guard = runguard.from_env()
+        try:
+            self.guard.start()
+        except runguard.LockLost as exc:
+            self.fail("pm2_app delete %s: %s; PM2 was not touched" % (app.app_name, exc.args[0]))
+        done = False
+        try:
+            with self.guard.hold():
+                try:
+                    proc = subprocess.run([app.bin(), "delete", app.app_name], cwd=app.app_dir,
+                                          env=dict(os.environ, PM2_HOME=app.pm2_home), stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=120)
+                    done = proc.returncode == 0
+                finally:
+                    self.guard.record("pm2", action="delete", release=self.release, app=app.app_name, completed=done)
+        except (runguard.RunStopped, runguard.LockLost, subprocess.TimeoutExpired) as exc:
+            self.fail("pm2_app delete %s: %s" % (app.app_name, one_line(exc, 300)))
+        if not done:
+            self.fail("pm2 delete %s failed (rc=%d): %s" % (app.app_name, proc.returncode,
+                                                             redact_text(one_line(proc.stdout, pick="last", default="no output"))))
+        self.observe(self.read_state())
+        if self.p["save"]:
+            self.save()
+        self.guard.finish()
+        self.module.exit_json(**self.result)
+
     def save(self):
         app = self.app
         try:
@@ -783,6 +847,7 @@ def main():
         argument_spec=dict(
             app_dir=dict(type="path", required=True),
             app_name=dict(type="str", required=True),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
             pm2_home=dict(type="path"),
             pm2_bin=dict(type="str", default="pm2"),
             ecosystem=dict(type="str", default="ecosystem.config.js"),
@@ -790,6 +855,7 @@ def main():
             reload=dict(type="str", default="auto", choices=["auto", "always", "never"]),
             env=dict(type="dict", default={}, no_log=True),
             health_url=dict(type="str", required=True),
+            health_status=dict(type="int", default=200),
             health_timeout=dict(type="float", default=60.0),
             stable_seconds=dict(type="float", default=3.0),
             health_successes=dict(type="int", default=0),
@@ -799,6 +865,8 @@ def main():
     )
     run = Rollout(module)
     run.secure()
+    if module.params["state"] == "absent":
+        run.remove()
     run.check_release()
     procs = run.plan()
     if module.check_mode:
