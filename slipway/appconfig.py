@@ -184,7 +184,7 @@ def ecosystem_apps(src: Path, ecosystem: str, label: str) -> list:
         raise _bad(label, f"cannot read the app names in {ecosystem}: node is not on this machine's PATH",
                    f"set 'app' in {FILE} or slipway_app_name in the inventory")
     try:
-        proc = subprocess.run([node, "-e", _LIST_APPS, str(src / ecosystem)], capture_output=True, text=True,
+        proc = subprocess.run([node, "-e", _LIST_APPS, str((src / ecosystem).resolve())], capture_output=True, text=True,
                               timeout=30, cwd=src, check=False)
     except subprocess.TimeoutExpired:
         raise _bad(label, f"reading {ecosystem} with node did not finish in 30 s",
@@ -194,13 +194,19 @@ def ecosystem_apps(src: Path, ecosystem: str, label: str) -> list:
     except ValueError:
         names = None
     if not isinstance(names, list):
-        said = (proc.stderr.strip().splitlines() or ["no output"])[0][:200]
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        said = next((line for line in lines if re.match(r"^[A-Za-z]*Error\b", line)), lines[0] if lines else "no output")[:200]
         raise _bad(label, f"node could not load {ecosystem} ({said})", f"fix it, or set 'app' in {FILE}")
     return names
 
 
 def _app(src: Path, doc: dict, ecosystem: str, label: str) -> tuple[str | None, str]:
-    names = ecosystem_apps(src, ecosystem, label)
+    try:
+        names = ecosystem_apps(src, ecosystem, label)
+    except SlipwayError:
+        if doc.get("app"):  # named in slipway.yml: trusted when the ecosystem cannot be read here
+            return doc["app"], FILE
+        raise
     if doc.get("app"):
         if doc["app"] not in names:
             raise _bad(label, f"{FILE} names app {doc['app']!r} but {ecosystem} defines {names or 'no app'}",

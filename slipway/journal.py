@@ -69,6 +69,7 @@ def summarize(run_id: str, release: str | None, events: list[dict], current: str
     backups = [e for e in events if e.get("event") == "backup"]
     applied = [tag for e in events if e.get("event") == "migrations" for tag in e.get("applied") or []]
     pm2 = [e for e in events if e.get("event") == "pm2"]
+    env = [e for e in events if e.get("event") == "env"]
     lost = next((e for e in events if e.get("event") == "lost"), None)
     first_previous = switches[0].get("previous") if switches else None
     final = switches[-1].get("release") if switches else None
@@ -90,6 +91,7 @@ def summarize(run_id: str, release: str | None, events: list[dict], current: str
         "migrations_applied": applied,
         "rolled_back": rolled_back,
         "pm2": {k: pm2[-1].get(k) for k in ("action", "release", "completed")} if pm2 else None,
+        "env": ("restored" if env[-1].get("restored") else "written") if env else None,
         "current": current,
         "interrupted": {"how": how, "controller_lost_at": lost.get("at") if lost else None,
                         "last_change": changes[-1]["event"] if changes else None},
@@ -102,6 +104,8 @@ def describe(record: dict) -> list[str]:
     backup = record.get("backup") or {}
     if backup.get("id"):
         did.append(f"backup {backup['id']} taken")
+    if record.get("env"):
+        did.append(f"the app's shared/.env {record['env']}")
     if record.get("switched_from"):
         did.append(f"current switched from {record['switched_from']} to {record.get('release')}")
     did.append("migrations committed: " + (", ".join(record.get("migrations_applied") or []) or "none"))

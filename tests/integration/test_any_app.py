@@ -147,11 +147,18 @@ def test_then_the_app_deploys(bare, tmp_path):
 
 
 def test_a_failing_release_returns_to_the_healthy_one(bare, tmp_path):
+    """... with the environment it ran with: the deploy's change to shared/.env is undone too."""
     good = os.path.basename(os.readlink(bare["host"].app_dir / "current"))
-    proc, report = deploy(tmp_path, "--release", str(crashing_app(tmp_path, "crash-3", "boom later")), expect=1)
+    env_before = env_file(bare).read_text()
+    set_app_env(bare, {"HOST": bare["host"].address, "NODE_ENV": "production", "FEATURE_X": "on"})
+    try:
+        proc, report = deploy(tmp_path, "--release", str(crashing_app(tmp_path, "crash-3", "boom later")), expect=1)
+    finally:
+        (bare["inventory"] / "host_vars" / "sandbox" / "app_env.yml").unlink()
     info = report["hosts"]["sandbox"]
     assert info["rolled_back"] is True and info["rolled_back_to"] == good, info
     assert os.path.basename(os.readlink(bare["host"].app_dir / "current")) == good
+    assert env_file(bare).read_text() == env_before and "FEATURE_X" not in env_before
     state = pm2(bare)
     assert state["instances"] == 2 and state["online"] == 2
     assert get(bare["url"], "/healthz")[0] == 200
@@ -177,7 +184,7 @@ def test_a_new_migration_and_an_env_change_reach_the_app(bare, tmp_path):
     proc, report = deploy(tmp_path, "--release", str(app))
     info = report["hosts"]["sandbox"]
     assert info["migrations_applied"] == ["0001_note_title"] and info["backup"]["toc_entries"] > 0
-    assert 'NOTES_GREETING="hello there"' in env_file(bare).read_text()
+    assert "NOTES_GREETING='hello there'" in env_file(bare).read_text()
     assert set(pm2(bare)["pids"]).isdisjoint(pids)  # reloaded onto the new release
     assert query(bare, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'notes' "
                        "AND column_name = 'title'") == [(1,)]

@@ -67,10 +67,13 @@ def host():
 
 
 def play(extravars: dict | None = None, check: bool = False) -> dict:
+    """playbooks/smoke.yml with the reference app's settings (its slipway.yml opts into the
+    track-view cases), as `invoke smoke` passes them."""
+    from slipway.release import settings
     from slipway.runner import run_playbook
 
     with instance3(check):
-        return run_playbook("smoke.yml", "sandbox", extravars)
+        return run_playbook("smoke.yml", "sandbox", {"slipway_app": settings().as_vars(), **(extravars or {})})
 
 
 def smoke(capsys, as_json: bool = False, extravars: dict | None = None) -> tuple[int, str]:

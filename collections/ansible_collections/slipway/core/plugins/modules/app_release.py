@@ -55,6 +55,13 @@ options:
         run holds its lock) when it differs from the file; one C(KEY=VALUE) line per key, a value that
         is not plain double-quoted. Omitted - the file is left as it is. Never returned or logged.
     type: dict
+  restore_env:
+    description:
+      - Put back C(shared/.env) as it was before the last change I(env) made (kept as
+        C(shared/.env.previous)); the rescue of a deploy that changed the environment does, so the
+        release it returns to runs with the environment it ran with. Nothing when there is none.
+    type: bool
+    default: false
 author:
   - slipway developers
 notes:
@@ -79,6 +86,10 @@ EXAMPLES = r"""
 RETURN = r"""
 env_changed:
   description: Whether C(shared/.env) was (in check mode, would be) rewritten from I(env).
+  returned: always
+  type: bool
+env_restored:
+  description: Whether C(shared/.env) was (would be) put back from C(shared/.env.previous) (I(restore_env)).
   returned: always
   type: bool
 release:
@@ -219,20 +230,35 @@ def install(module, app_dir, rid, archive):
 
 
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_PREVIOUS = ".previous"  # shared/.env.previous: the file as it was before the last env change
+
+
+def env_value(key, value):
+    """One value as dotenv (and the reference app's parser) reads it back as written: plain text
+    bare; else single-quoted (taken literally); a value with a newline double-quoted with \\n (the
+    only escapes dotenv expands). Booleans as true/false. Raises ValueError naming the key (never
+    the value) for a value no .env quoting can carry."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = "" if value is None else str(value)
+    if re.match(r"^[A-Za-z0-9_@%+=:,./-]*$", text):
+        return text
+    if "'" not in text and "\n" not in text and "\r" not in text:
+        return "'%s'" % text
+    if '"' not in text and "\\" not in text:
+        return '"%s"' % text.replace("\n", "\\n").replace("\r", "\\r")
+    raise ValueError("slipway_app_env %s: its value holds quotes of both kinds or a backslash with a newline, "
+                     "which a .env file cannot carry; simplify it (or let the app read it from elsewhere)" % key)
 
 
 def env_text(env):
-    """``shared/.env``'s text for the mapping ``env``: one KEY=VALUE line per key, sorted; a value
-    that is not plain is double-quoted with \\, \" and \n escaped (dotenv's and the reader app's
-    parsers read it back as written). Raises ValueError naming a bad key (never a value)."""
+    """``shared/.env``'s text for the mapping ``env``: one KEY=VALUE line per key, sorted (values as
+    env_value writes them). Raises ValueError naming a bad key (never a value)."""
     lines = ["# written by slipway (inventory: slipway_app_env); mode 0600"]
     for key in sorted(env):
         if not ENV_KEY.match(str(key)):
             raise ValueError("slipway_app_env key %r is not an environment variable name; use [A-Za-z_][A-Za-z0-9_]*" % key)
-        value = "" if env[key] is None else str(env[key])
-        if not re.match(r"^[A-Za-z0-9_@%+=:,./-]*$", value):
-            value = '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-        lines.append("%s=%s" % (key, value))
+        lines.append("%s=%s" % (key, env_value(key, env[key])))
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +286,7 @@ def main():
             keep=dict(type="int", default=5),
             state=dict(type="str", default="present", choices=["present", "switched"]),
             env=dict(type="dict", no_log=True),
+            restore_env=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
@@ -276,7 +303,7 @@ def main():
     previous = current_release(app_dir)
     have = installed(releases_dir, rid)
     result = dict(changed=False, release=rid, previous=previous, installed=False, switched=False, pruned=[],
-                  env_changed=False)
+                  env_changed=False, env_restored=False)
     env_path = os.path.join(app_dir, layout.SHARED_DIR, layout.ENV_FILE)
     if p["env"] is not None:
         try:
@@ -309,12 +336,21 @@ def main():
                 path = os.path.join(app_dir, sub)
                 if not os.path.isdir(path):
                     os.mkdir(path, mode)
-            if result["env_changed"]:
-                with guard.hold():  # the app's environment changes only while the run holds the deploy lock
-                    write_env(env_path, text)
-                    guard.record("env", path=env_path)
             if result["installed"]:
                 install(module, app_dir, rid, p["archive"])
+            # the environment after the install (a failed install leaves it as it was), before the switch
+            if result["env_changed"]:
+                with guard.hold():  # the app's environment changes only while the run holds the deploy lock
+                    if os.path.isfile(env_path):  # kept for a rescue (restore_env)
+                        with open(env_path) as handle:
+                            atomic_write(env_path + ENV_PREVIOUS, handle.read(), 0o600)
+                    write_env(env_path, text)
+                    guard.record("env", path=env_path)
+            if p["restore_env"] and os.path.isfile(env_path + ENV_PREVIOUS):
+                with guard.hold():
+                    os.rename(env_path + ENV_PREVIOUS, env_path)
+                    guard.record("env", path=env_path, restored=True)
+                result["env_restored"] = True
             if result["switched"]:
                 # the switch happens, and is journaled, only while the run holds the deploy lock
                 with guard.hold():
@@ -352,7 +388,10 @@ def main():
                 shutil.rmtree(os.path.join(releases_dir, name), ignore_errors=True)
     result["pruned"] = doomed
     result["releases"] = [r for r in listed if r not in doomed]
-    result["changed"] = bool(result["installed"] or result["switched"] or doomed or result["env_changed"])
+    if p["restore_env"] and module.check_mode:
+        result["env_restored"] = os.path.isfile(env_path + ENV_PREVIOUS)
+    result["changed"] = bool(result["installed"] or result["switched"] or doomed or result["env_changed"]
+                             or result["env_restored"])
     if module._diff:
         result["diff"] = {"before": {"current": previous}, "after": {"current": rid}}
     module.exit_json(**result)

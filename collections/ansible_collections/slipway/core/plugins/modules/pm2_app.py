@@ -91,7 +91,8 @@ options:
   health_url:
     description: The app's health URL. An answer counts when it has I(health_status) and, when its
       JSON body holds C(release), that release; an app whose answer names no release is judged by
-      PM2's record of each instance's release (the C(RELEASE_ID) its pm2 commands carry).
+      the release PM2's workers run (each worker's working directory, C(releases/<id>); else the
+      C(RELEASE_ID) it was started with).
     type: str
     required: true
   health_status:
@@ -415,8 +416,8 @@ class Pm2App(object):
 
     def serves(self, status, seen, release, procs):
         """An answer of ``release``: the health status, and the body's ``release`` when the app
-        sends one; an app that does not is judged by PM2's own record of every instance's release
-        (the RELEASE_ID slipway's pm2 commands start it with)."""
+        sends one; an app that does not is judged by the release each of PM2's workers runs
+        (its working directory, releases/<id>; else the RELEASE_ID it was started with)."""
         if status != self.health_status:
             return False
         if seen is not None:
@@ -730,7 +731,16 @@ class Rollout(object):
             elif action == "reloaded":
                 self.act(["reload", app.ecosystem, "--update-env"], procs)
             if action == "none":
-                return app.gate(self.release, self.deadline, 1, 0)
+                try:
+                    return app.gate(self.release, self.deadline, 1, 0)
+                except WrongRelease as exc:
+                    # PM2 shows every worker on the release (its working directory), yet one answers
+                    # with another (e.g. a worker PM2 restarted after `current` went back kept the
+                    # failed reload's RELEASE_ID): one zero-downtime reload, then the full gate
+                    self.action = self.result["action"] = "reloaded"
+                    self.result["reason"] = "reloaded: " + str(exc)
+                    self.act(["reload", app.ecosystem, "--update-env"], app.jlist())
+                    return app.gate(self.release, self.deadline, self.p["health_successes"], self.p["stable_seconds"])
             return self.full_gate()
         except GateFailed as exc:
             return self.recover(exc)
