@@ -147,10 +147,18 @@ def _source(spec: str | None, tmp: Path) -> tuple[Path, str]:
     return _from_git(spec, tmp), spec
 
 
+def _require_app(src: Path, label: str) -> None:
+    missing = [name for name in REQUIRED if not (src / name).is_file()]
+    if missing:
+        raise SlipwayError(f"release {label} is not a deployable app: missing {', '.join(missing)}; "
+                           "it needs package.json + package-lock.json (the host runs npm ci)")
+
+
 def settings(spec: str | None = None) -> appconfig.AppConfig:
     """The app settings (slipway.yml and defaults) of the release ``spec`` names, nothing built."""
     with tempfile.TemporaryDirectory(prefix="slipway-release-") as tmp:
         src, label = _source(spec, Path(tmp))
+        _require_app(src, label)
         return appconfig.load(src, f"release {label}")
 
 
@@ -162,10 +170,7 @@ def build(spec: str | None = None) -> Release:
     same source is built once and found installed on the next deploy."""
     with tempfile.TemporaryDirectory(prefix="slipway-release-") as tmp:
         src, label = _source(spec, Path(tmp))
-        missing = [name for name in REQUIRED if not (src / name).is_file()]
-        if missing:
-            raise SlipwayError(f"release {label} is not a deployable app: missing {', '.join(missing)}; "
-                               "it needs package.json + package-lock.json (the host runs npm ci)")
+        _require_app(src, label)
         app = appconfig.load(src, f"release {label}")
         try:
             folder = read_folder(str(src / app.migrations))
