@@ -235,14 +235,14 @@ class Pg(object):
         except ValueError:
             raise bk.BackupError("psql returned %r for the object count; check login_db and the server" % out.strip()[:80])
 
-    def toc_entries(self, path, empty_database=False):
+    def toc_entries(self, path, of_database=False):
         """Entries ``pg_restore --list`` reads in the dump at ``path``. A dump of no entries is
-        valid only as the dump of an empty database (``empty_database``: none of its own objects),
-        e.g. before an app's first deploy."""
+        valid only as the dump just taken (``of_database``) of a database with no objects of its
+        own (counted then), e.g. before an app's first deploy."""
         listing = self.run([self.program("pg_restore"), "--list", path],
                            "pg_restore --list (verify %s)" % os.path.basename(path))
         count = bk.count_toc(listing)
-        if count <= 0 and not empty_database:
+        if count <= 0 and not (of_database and self.user_objects() == 0):
             raise bk.BackupError("pg_restore --list found no entries in %s; the dump is empty or damaged" % os.path.basename(path))
         return count
 
@@ -290,7 +290,6 @@ def create(module, pg, reason, protect=()):
         name = backup_id + bk.SUFFIX
         final = os.path.join(backup_dir, name)
         partial = final + bk.PARTIAL
-        empty = pg.user_objects() == 0  # counted before the dump: anything made later is in it anyway
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
@@ -298,7 +297,7 @@ def create(module, pg, reason, protect=()):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            toc = pg.toc_entries(partial, empty_database=empty)
+            toc = pg.toc_entries(partial, of_database=True)
             digest = bk.sha256_file(partial)
             os.chmod(partial, 0o600)
             # a deploy run's backup is kept (renamed, listed, journaled) only while the run holds its lock
