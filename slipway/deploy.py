@@ -388,9 +388,10 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
     if report_path:
         check_report_path(report_path)
     known = check_hosts(hosts)  # the vault decrypts, every secret is there: before anything is built or locked
-    if rel.settings(release).needs_token:  # the app's smoke tests send the API token (slipway.yml): before a build
-        check_hosts(hosts, required=("slipway_api_token",), optional=())
-    built = rel.build(release)
+    with rel.resolved(release) as source:  # resolved once (a git ref: one archive), settings read once
+        if source.app.needs_token:  # the app's smoke tests send the API token (slipway.yml): before a build
+            check_hosts(hosts, required=("slipway_api_token",), optional=())
+        built = rel.pack(source)
     runtime_id, runtime_archive, runtime_python = rel.runtime()
     run_id = new_run_id()
     mode = "check (nothing will change)" if check else "deploy"

@@ -6,6 +6,7 @@ the same content twice finds the release already installed and changes nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -154,24 +155,44 @@ def _require_app(src: Path, label: str) -> None:
                            "it needs package.json + package-lock.json (the host runs npm ci)")
 
 
-def settings(spec: str | None = None) -> appconfig.AppConfig:
-    """The app settings (slipway.yml and defaults) of the release ``spec`` names, nothing built."""
+@dataclasses.dataclass
+class Source:
+    """A release's source, resolved once: its directory (a git ref's lives only as long as the
+    ``resolved`` block), its label for messages, and its app settings."""
+    path: Path
+    label: str
+    app: appconfig.AppConfig
+
+
+@contextlib.contextmanager
+def resolved(spec: str | None = None):
+    """The Source ``--release`` names (None: the reference app; a directory; or a git ref),
+    refused when it is no deployable app or its settings (slipway.yml) are bad."""
     with tempfile.TemporaryDirectory(prefix="slipway-release-") as tmp:
         src, label = _source(spec, Path(tmp))
         _require_app(src, label)
-        return appconfig.load(src, f"release {label}")
+        yield Source(src, label, appconfig.load(src, f"release {label}"))
+
+
+def settings(spec: str | None = None) -> appconfig.AppConfig:
+    """The app settings (slipway.yml and defaults) of the release ``spec`` names, nothing built."""
+    with resolved(spec) as source:
+        return source.app
 
 
 def build(spec: str | None = None) -> Release:
-    """Resolve ``--release`` (None: the reference app; a directory; or a git ref) into a release
-    archive in the controller's cache; refuses an incomplete app, bad app settings (slipway.yml), a
-    damaged migrations folder or a failing build. With a ``build`` command the release is what the
-    build leaves in a clean copy of the source; its id names the source and the command, so the
-    same source is built once and found installed on the next deploy."""
-    with tempfile.TemporaryDirectory(prefix="slipway-release-") as tmp:
-        src, label = _source(spec, Path(tmp))
-        _require_app(src, label)
-        app = appconfig.load(src, f"release {label}")
+    """``pack`` of the release ``spec`` names (see ``resolved``)."""
+    with resolved(spec) as source:
+        return pack(source)
+
+
+def pack(source: Source) -> Release:
+    """The release archive of ``source`` in the controller's cache; refuses a damaged migrations
+    folder or a failing build. With a ``build`` command the release is what the build leaves in a
+    clean copy of the source; its id names the source and the command, so the same source is
+    built once and found installed on the next deploy."""
+    src, label, app = source.path, source.label, source.app
+    with tempfile.TemporaryDirectory(prefix="slipway-build-") as tmp:
         try:
             folder = read_folder(str(src / app.migrations))
         except MigrationError as exc:
