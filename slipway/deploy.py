@@ -341,6 +341,7 @@ def build_report(host: str, hosts: list[str], run_id: str, release_id: str, sour
             "rolled_back": bool(info.get("rolled_back")),
             "rolled_back_to": info.get("rolled_back_to"),
             "stopped": _truthy(info.get("stopped")),
+            "took_over": info.get("took_over") or None,
         }
         if cut is not None:
             report["hosts"][name]["interrupted"] = {
@@ -362,6 +363,7 @@ def render_report(report: dict, lints: dict | None = None) -> list[str]:
     if report["check"]:
         lines += ["", *_check_lines(report, lints or {})]
     for name, info in report["hosts"].items():
+        lines += _takeover_lines(name, info, report["check"])
         lines += _failure_lines(name, info, report["host"])
     if report["check"]:
         tail = f"checked {release_id} for {', '.join(hosts)} in {report['seconds']:.1f}s; a deploy would make {report['changed']} change(s)"
@@ -436,6 +438,38 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
                   f"and in each host's deploys.jsonl", file=sys.stderr)
             return 1
     return 0 if report["result"] == "ok" else 1
+
+
+def _takeover_lines(name: str, info: dict, check: bool) -> list[str]:
+    """A first deploy onto a host deployed by hand: where the app ran from, what was taken from
+    there, whether its processes were replaced (and how), and that the directory was left as it was."""
+    old = info.get("took_over")
+    if not old:
+        return []
+    if check:
+        return [f"\n{name}: PM2 runs the app by hand from {old}: the deploy would take it over (its .env and logs "
+                f"copied in, its processes replaced by the release's; {old} left as it is)"]
+    adopted = (info.get("release_state") or {}).get("adopted") or {}
+    pm2 = info.get("pm2") or {}
+    hand = pm2.get("handover") or {}
+    taken = []
+    if _truthy(adopted.get("env")):
+        taken.append("its .env became shared/.env (0600)")
+    if adopted.get("logs"):
+        taken.append(f"{len(adopted['logs'])} old log file(s) copied to logs/ ({', '.join(adopted['logs'])})")
+    if pm2.get("action") == "replaced" and _truthy(pm2.get("healthy")):
+        taken.append(f"its PM2 processes replaced by the release's with no gap (served meanwhile by {hand.get('app')})")
+    elif pm2.get("action") == "restarted" and _truthy(pm2.get("healthy")):
+        taken.append("its PM2 processes deleted and started again from the release (not all ran online in cluster "
+                     "mode, so with a short gap)")
+    elif hand and not _truthy(hand.get("old_deleted")):
+        taken.append("its PM2 processes were NOT replaced: they serve as before")
+    elif _truthy(info.get("stopped")) or _truthy(hand.get("old_deleted")):
+        taken.append("its PM2 processes were deleted in the handover, and the release did not become healthy")
+    else:
+        taken.append("its PM2 processes were not touched: they serve as before")
+    return [f"\n{name}: took over the app deployed by hand in {old}: " + ("; ".join(taken) or "nothing copied")
+            + f"; {old} itself was left as it was"]
 
 
 def _failure_lines(name: str, info: dict, target: str) -> list[str]:

@@ -69,10 +69,12 @@ def db_state(host: Host, password: str) -> str:
     return "other"
 
 
-def drizzle_migrate(host: Host, user: pwd.struct_passwd, password: str, upto: int | None) -> None:
-    """Apply migrations with drizzle-orm's own migrator (the app's scripts/migrate.js), as the host
-    user; ``upto`` limits the journal to its first ``upto`` entries (the incident's history)."""
-    current = host.app_dir / "current"
+def drizzle_migrate(host: Host, user: pwd.struct_passwd, password: str, upto: int | None,
+                    app_root: Path | None = None) -> None:
+    """Apply migrations with drizzle-orm's own migrator (the app's scripts/migrate.js in
+    ``app_root``, default ``current``), as the host user; ``upto`` limits the journal to its first
+    ``upto`` entries (the incident's history)."""
+    current = app_root or host.app_dir / "current"
     source = current / "migrations"
     with tempfile.TemporaryDirectory(dir=host.home, prefix=".migrations-") as tmp:
         folder = Path(tmp) / "migrations"
@@ -107,23 +109,26 @@ def seed(host: Host, password: str) -> None:
                     )
 
 
-def ensure_database_state(host: Host, user: pwd.struct_passwd, password: str, want: str) -> bool:
+def ensure_database_state(host: Host, user: pwd.struct_passwd, password: str, want: str,
+                          app_root: Path | None = None) -> bool:
+    """The database in state ``want`` (incident or healthy), migrated by drizzle's migrator from
+    the app in ``app_root`` (default ``current``). True if changed."""
     have = db_state(host, password)
     if have == want:
         return False
     total = len(journal_entries())
     if have == "incident" and want == "healthy":
-        drizzle_migrate(host, user, password, None)
+        drizzle_migrate(host, user, password, None, app_root)
         log(host.name, "database moved to healthy state (0007 applied by drizzle's migrator)")
         return True
     if have != "empty":
         # a sandbox database in another state is rebuilt (it only ever holds seed data)
         psql_admin(host, f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE);\nCREATE DATABASE {DB_NAME} OWNER {DB_USER};")
         log(host.name, f"database {DB_NAME} rebuilt (was {have})")
-    drizzle_migrate(host, user, password, total - 1)
+    drizzle_migrate(host, user, password, total - 1, app_root)
     seed(host, password)
     if want == "healthy":
-        drizzle_migrate(host, user, password, None)
+        drizzle_migrate(host, user, password, None, app_root)
     log(host.name, f"database in {want} state ({'all migrations applied' if want == 'healthy' else '0007 not applied, duplicate rows seeded'})")
     return True
 

@@ -19,7 +19,7 @@ SSH_PORT = 2222
 PG_PORT = 15432
 APP_PORT = 3000
 MAX_HOSTS = 19
-STATES = ("incident", "healthy", "bare")
+STATES = ("incident", "healthy", "bare", "legacy")
 JOURNAL = READER_APP / "migrations" / "meta" / "_journal.json"
 PATH_ENV = "/usr/local/bin:/usr/bin:/bin"
 
@@ -89,6 +89,8 @@ class Host:
     # host-side paths
     home = property(lambda self: self.root / "home")
     app_dir = property(lambda self: self.home / "app")
+    # state legacy: the app deployed by hand, run in place (the seed's /var/www/reader.market)
+    legacy_dir = property(lambda self: self.home / "www" / "reader.market")
     backup_dir = property(lambda self: self.home / "backups")
     pm2_home = property(lambda self: self.home / ".pm2")
     sshd_dir = property(lambda self: self.root / "sshd")

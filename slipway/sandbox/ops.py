@@ -23,6 +23,8 @@ from .provision import (
     build_app,
     ensure_app,
     ensure_dirs,
+    ensure_legacy_app,
+    ensure_legacy_files,
     ensure_postgres,
     ensure_release,
     ensure_sshd,
@@ -56,10 +58,26 @@ def up_bare(host: Host, user: pwd.struct_passwd, ctl: Controller, creds: dict) -
     return changed
 
 
+def up_legacy(host: Host, user: pwd.struct_passwd, ctl: Controller, build: Path, creds: dict) -> bool:
+    """The seed's production, deployed by hand (provision.ensure_legacy), its database in the
+    incident state (0007 missing). True if changed."""
+    for path, mode in ((host.home / ".ssh", 0o700), (host.backup_dir, 0o700)):
+        path.mkdir(parents=True, exist_ok=True)
+        os.chown(path, user.pw_uid, user.pw_gid)
+        os.chmod(path, mode)
+    ensure_sshd(host, user, ctl)
+    ensure_postgres(host, user, creds["slipway_db_password"])
+    files_changed = ensure_legacy_files(host, user, build, creds)
+    db_changed = ensure_database_state(host, user, creds["slipway_db_password"], "incident", host.legacy_dir)
+    return ensure_legacy_app(host, user) or files_changed or db_changed
+
+
 def up_host(host: Host, user: pwd.struct_passwd, ctl: Controller, rid: str, build: Path, want: str) -> bool:
     creds = ctl.secrets_for(host.name)
     if want == "bare":
         return up_bare(host, user, ctl, creds)
+    if want == "legacy":
+        return up_legacy(host, user, ctl, build, creds)
     ensure_dirs(host, user)
     ensure_sshd(host, user, ctl)
     ensure_postgres(host, user, creds["slipway_db_password"])

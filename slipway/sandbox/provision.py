@@ -308,6 +308,66 @@ def ensure_release(host: Host, user: pwd.struct_passwd, rid: str, build: Path, s
     return changed
 
 
+LEGACY_LOG_LINES = {
+    # what the hand-deployed app's logs held when the incident was found (the seed's runbook read them)
+    "err.log": ("2026-11-28T09:14:02: Error tracking book view: there is no unique or exclusion constraint matching "
+                "the ON CONFLICT specification (code 42P10)\n"),
+    "out.log": "2026-11-28T09:00:00: reader-app listening on 127.0.0.1:3000 (release none)\n",
+}
+
+
+def ensure_legacy_files(host: Host, user: pwd.struct_passwd, build: Path, secrets_: dict) -> bool:
+    """state legacy, the seed's production: the app copied by hand into one directory to run in
+    place from there (its own .env and logs/, a scripts/ dir), no app dir, no other state's PM2
+    processes. True if changed."""
+    changed = False
+    state = pm2_app_state(host, user)
+    if state["instances"] and state["cwd"] != [str(host.legacy_dir)]:
+        pm2(host, user, "kill", check=False, timeout=30)  # another state's processes
+        state, changed = pm2_app_state(host, user), True
+    if host.app_dir.exists():
+        shutil.rmtree(host.app_dir)
+        changed = True
+    if not (host.legacy_dir / ".slipway-built").exists():
+        if host.legacy_dir.exists():
+            shutil.rmtree(host.legacy_dir)
+        host.legacy_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(build, host.legacy_dir, symlinks=True)
+        (host.legacy_dir / "logs").mkdir(exist_ok=True)
+        for name, text in LEGACY_LOG_LINES.items():
+            (host.legacy_dir / "logs" / name).write_text(text)
+        env_text = "\n".join([
+            "NODE_ENV=production",
+            f"HOST={host.address}",
+            f"PORT={APP_PORT}",
+            f"DATABASE_URL={host.database_url(secrets_['slipway_db_password'])}",
+            f"API_TOKEN={secrets_['slipway_api_token']}",
+            "",
+        ])
+        write_private(host.legacy_dir / ".env", env_text, 0o600, owner=user)
+        chown_tree(host.legacy_dir.parent, user)
+        log(host.name, f"app copied by hand into {host.legacy_dir}")
+        changed = True
+    return changed
+
+
+def ensure_legacy_app(host: Host, user: pwd.struct_passwd) -> bool:
+    """PM2 started by hand in the legacy directory (`pm2 start ecosystem.config.js`: a daemon
+    with no slipway settings). True if changed."""
+    changed = False
+    state = pm2_app_state(host, user)
+    if not state["instances"] or state["online"] != state["instances"]:
+        if state["instances"]:
+            pm2(host, user, "delete", APP_NAME, check=False)
+        # by hand: in the app's directory, with the user's plain environment (no APP_CURRENT, no
+        # RELEASE_ID, a daemon without NODE_CLUSTER_SCHED_POLICY)
+        run(["pm2", "start", "ecosystem.config.js"], env=user_env(host, user), cwd=host.legacy_dir, user=user, timeout=90)
+        log(host.name, f"PM2 started {APP_NAME} by hand in {host.legacy_dir}")
+        changed = True
+    wait_healthy(host)
+    return changed
+
+
 def user_env(host: Host, user: pwd.struct_passwd, **extra) -> dict:
     env = {
         "HOME": str(host.home),
@@ -357,15 +417,21 @@ def ensure_app(host: Host, user: pwd.struct_passwd, release_changed: bool) -> bo
             user=user, timeout=90)
         log(host.name, f"PM2 started {APP_NAME} (cluster mode)")
         changed = True
+    wait_healthy(host)
+    return changed
+
+
+def wait_healthy(host: Host) -> None:
+    """Until the app answers its health check (30 s)."""
     deadline = time.monotonic() + 30
     last = None
     while time.monotonic() < deadline:
         try:
             status, body = http_json("GET", f"{host.app_url}/api/health", timeout=2)
             if status == 200:
-                return changed
+                return
             last = f"HTTP {status}"
         except OSError as exc:
             last = str(exc)
         time.sleep(0.2)
-    raise SlipwayError(f"{host.name}: the app did not become healthy at {host.app_url}/api/health ({last}); see {host.app_dir}/logs/err.log")
+    raise SlipwayError(f"{host.name}: the app did not become healthy at {host.app_url}/api/health ({last}); see the app's logs/err.log")

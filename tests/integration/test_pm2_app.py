@@ -15,15 +15,13 @@ import re
 import shutil
 import socket
 import stat
-import threading
 import time
 import urllib.parse
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import ROOT, Outputs, host_env, sandbox_up, sb
 from instances import sandbox_instance
+from loadgen import Load
 
 from ansible_collections.slipway.core.plugins.module_utils.pm2 import (  # isort: skip (path set by conftest's sb)
     app_error_line,
@@ -127,57 +125,6 @@ def health_by_pid(h4, tries: int = 40) -> dict:
     return seen
 
 
-class Load:
-    """Steady traffic from a pool of threads: GET /api/health and POST track-view, new connection
-    per request; every response status (or exception name) is counted."""
-
-    def __init__(self, h4, threads: int = 20):
-        self.h4, self.threads = h4, threads
-        self.stop = threading.Event()
-        self.counts: Counter = Counter()
-        self.releases: Counter = Counter()
-        self.lock = threading.Lock()
-
-    def worker(self, i: int) -> None:
-        url, book = self.h4["url"], sb.SMOKE_BOOK
-        while not self.stop.is_set():
-            try:
-                if i % 2:
-                    status, _ = sb.http_json("POST", f"{url}/api/books/{book}/track-view", {"viewType": "card_view"},
-                                             token=self.h4["token"], timeout=10)
-                    release = None
-                else:
-                    status, body = sb.http_json("GET", f"{url}/api/health", timeout=10)
-                    release = body.get("release") if isinstance(body, dict) else None
-            except Exception as exc:  # noqa: BLE001 - refused/reset/timeout: a failed request, counted by kind
-                status, release = type(exc).__name__, None
-            with self.lock:
-                self.counts[status] += 1
-                if release:
-                    self.releases[release] += 1
-
-    def __enter__(self):
-        self.pool = ThreadPoolExecutor(self.threads)
-        self.futures = [self.pool.submit(self.worker, i) for i in range(self.threads)]
-        time.sleep(1.0)  # traffic is flowing before the action starts
-        return self
-
-    def __exit__(self, *exc):
-        time.sleep(1.0)  # and goes on after it
-        self.stop.set()
-        for fut in self.futures:
-            fut.result()
-        self.pool.shutdown()
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def bad(self) -> int:
-        return self.total - self.counts[200]
-
-
 def report(line: str) -> None:
     print(f"\n[pm2_app] {line}", flush=True)
 
@@ -191,20 +138,29 @@ def test_legacy_start_is_moved_to_the_current_link_then_noop(h4):
                cwd=host.app_dir, user=user)
     legacy = pm2_state(h4)
     assert legacy["cwd"] == [str(host.app_dir / "releases" / h4["rid"])]
-    out = run_role()
+    # every instance online in cluster mode: new workers serve beside the old ones before they go,
+    # so not one request fails
+    with Load(h4["url"], h4["token"]) as load:
+        out = run_role()
     res = out["res"]
     assert out["rc"] == 0, out["failures"]
-    assert res["action"] == "restarted" and res["changed"] is True and "releases/" in res["reason"]
+    assert res["action"] == "replaced" and res["changed"] is True and "releases/" in res["reason"], res
+    assert load.total > 50 and load.bad == 0, load.counts
+    assert res["handover"] == {"app": sb.APP_NAME + "~slipway-handover", "old_deleted": True,
+                               "old_cwd": [str(host.app_dir / "releases" / h4["rid"])]}
     state = pm2_state(h4)
     assert state["cwd"] == [str(host.app_dir / "current")] and state["online"] == state["instances"] == 2
     assert not set(res["pids_after"]) & set(legacy["pids"]) and res["health"]["release"] == h4["rid"]
     fact = out["data"]["slipway_pm2"]
     assert {k: fact[k] for k in ("action", "release", "instances", "pids_after")} == {
-        "action": "restarted", "release": h4["rid"], "instances": 2, "pids_after": res["pids_after"]}
+        "action": "replaced", "release": h4["rid"], "instances": 2, "pids_after": res["pids_after"]}
     assert fact["healthy"] is True and fact["online"] == fact["total"] == 2 and fact["error"] is None
     assert [(p["status"], p["release"]) for p in fact["processes"]] == [("online", h4["rid"])] * 2
     assert res["healthy"] is True and res["app_error"] is None and res["recovered"] == []
-    report(f"legacy restart: {res['seconds']}s in the module, {out['wall']:.1f}s wall")
+    with sandbox_instance(INSTANCE):
+        assert sb.pm2_app_state(host, user, app=sb.APP_NAME + "~slipway-handover")["instances"] == 0
+    report(f"legacy handover: {res['seconds']}s in the module, {out['wall']:.1f}s wall, "
+           f"{load.total} requests, {load.bad} failed")
 
     before = pm2_state(h4)
     out = run_role()
@@ -229,7 +185,7 @@ def test_reload_new_release_with_zero_downtime(h4):
     assert pm2_state(h4)["pids"] == before["pids"]
     assert set(health_by_pid(h4).values()) == {h4["rid"]}
 
-    with Load(h4) as load:
+    with Load(h4["url"], h4["token"]) as load:
         out = run_role()
     res = out["res"]
     assert out["rc"] == 0, out["failures"]
@@ -251,7 +207,7 @@ def test_release_that_exits_at_start_fails_then_rollback_serves(h4):
         "'use strict';", "'use strict';\nconsole.error('reader-app: config check failed, exiting'); process.exit(1);", 1))
     switch(h4, rid3)
     timeout = 12
-    with Load(h4) as load:
+    with Load(h4["url"], h4["token"]) as load:
         out = run_role(t_health_timeout=timeout)
         failed_at = time.monotonic()
         res = out["res"]

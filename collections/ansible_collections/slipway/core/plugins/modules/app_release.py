@@ -62,6 +62,14 @@ options:
         release it returns to runs with the environment it ran with. Nothing when there is none.
     type: bool
     default: false
+  adopt_from:
+    description:
+      - A directory the app was deployed to by hand and runs from now (found by the deploy's
+        preflight from PM2's processes), taken over by this first release. Its C(.env) becomes
+        C(shared/.env) (0600) when that does not exist yet and I(env) is not given; the log files
+        in its C(logs/) that C(<app_dir>/logs/) lacks are copied there (refused before any change
+        when the filesystem has no room for them). The directory itself is only read.
+    type: path
 author:
   - slipway developers
 notes:
@@ -88,6 +96,17 @@ env_changed:
   description: Whether C(shared/.env) was (in check mode, would be) rewritten from I(env).
   returned: always
   type: bool
+env_removed:
+  description: Keys the previous C(shared/.env) had that I(env) no longer has (names only; in check mode,
+    would be removed).
+  returned: always
+  type: list
+  elements: str
+adopted:
+  description: With I(adopt_from), what was (would be) taken from it - C(from), C(env) (its C(.env)
+    became C(shared/.env)), C(logs) (the log files copied) and C(bytes) (their size).
+  returned: when adopt_from is given
+  type: dict
 env_restored:
   description: Whether C(shared/.env) was (would be) put back from C(shared/.env.previous) (I(restore_env)).
   returned: always
@@ -262,6 +281,58 @@ def env_text(env):
     return "\n".join(lines) + "\n"
 
 
+def env_keys(text):
+    """The variable names a .env text sets (``KEY=...`` lines, an ``export`` prefix allowed)."""
+    keys = set()
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        name = line.split("=", 1)[0].strip()
+        if "=" in line and ENV_KEY.match(name):
+            keys.add(name)
+    return keys
+
+
+def adoption(src, app_dir, env_path, take_env):
+    """What a takeover of the hand-deployed directory ``src`` copies: (env text or None, [(name,
+    size)] of the log files ``<app_dir>/logs`` lacks). Raises ValueError with a cause; fix line."""
+    if not os.path.isdir(src):
+        raise ValueError("adopt_from %s is not a directory; pass the directory the app runs from" % src)
+    env = None
+    if take_env and not os.path.exists(env_path) and os.path.isfile(os.path.join(src, layout.ENV_FILE)):
+        with open(os.path.join(src, layout.ENV_FILE)) as handle:
+            env = handle.read()
+    logs, have = [], os.path.join(app_dir, layout.LOGS_DIR)
+    old = os.path.join(src, layout.LOGS_DIR)
+    if os.path.isdir(old):
+        for name in sorted(os.listdir(old)):
+            path = os.path.join(old, name)
+            if os.path.isfile(path) and not os.path.islink(path) and not os.path.exists(os.path.join(have, name)):
+                logs.append((name, os.path.getsize(path)))
+    return env, logs
+
+
+def adopt(guard, src, app_dir, env_path, env, logs):
+    """Copy the hand-deployed app's environment and logs in (under the run's guard, journaled)."""
+    needed = sum(size for _, size in logs)
+    dest = os.path.join(app_dir, layout.LOGS_DIR)
+    st = os.statvfs(dest)
+    if needed and needed + 16 * 1024 * 1024 > st.f_bavail * st.f_frsize:
+        raise ValueError("the old logs in %s/%s take %d MiB and %s has %d MiB free; free space there or move the "
+                         "old logs elsewhere first" % (src, layout.LOGS_DIR, needed // 1048576, dest,
+                                                       st.f_bavail * st.f_frsize // 1048576))
+    with guard.hold():
+        if env is not None:
+            atomic_write(env_path, env, 0o600)
+        for name, _ in logs:
+            tmp = os.path.join(dest, ".%s.adopt" % name)
+            shutil.copy2(os.path.join(src, layout.LOGS_DIR, name), tmp)
+            os.chmod(tmp, 0o640)
+            os.rename(tmp, os.path.join(dest, name))
+        guard.record("adopted", path=src, env=env is not None, logs=[name for name, _ in logs])
+
+
 def write_env(path, text):
     """Write ``text`` to ``path`` (0600) atomically; True when it changed."""
     try:
@@ -287,6 +358,7 @@ def main():
             state=dict(type="str", default="present", choices=["present", "switched"]),
             env=dict(type="dict", no_log=True),
             restore_env=dict(type="bool", default=False),
+            adopt_from=dict(type="path"),
         ),
         supports_check_mode=True,
     )
@@ -303,7 +375,7 @@ def main():
     previous = current_release(app_dir)
     have = installed(releases_dir, rid)
     result = dict(changed=False, release=rid, previous=previous, installed=False, switched=False, pruned=[],
-                  env_changed=False, env_restored=False)
+                  env_changed=False, env_restored=False, env_removed=[])
     env_path = os.path.join(app_dir, layout.SHARED_DIR, layout.ENV_FILE)
     if p["env"] is not None:
         try:
@@ -312,9 +384,19 @@ def main():
             module.fail_json(msg=str(exc), **result)
         try:
             with open(env_path) as handle:
-                result["env_changed"] = handle.read() != text
+                before = handle.read()
+            result["env_changed"] = before != text
+            result["env_removed"] = sorted(env_keys(before) - env_keys(text))
         except (IOError, OSError):
             result["env_changed"] = True
+    adopt_env, adopt_logs = None, []
+    if p["adopt_from"]:
+        try:
+            adopt_env, adopt_logs = adoption(p["adopt_from"], app_dir, env_path, p["env"] is None)
+        except (ValueError, OSError) as exc:
+            module.fail_json(msg="taking over %s: %s" % (p["adopt_from"], exc), **result)
+        result["adopted"] = {"from": p["adopt_from"], "env": adopt_env is not None,
+                             "logs": [name for name, _ in adopt_logs], "bytes": sum(size for _, size in adopt_logs)}
 
     if p["state"] == "switched":
         if not have:
@@ -336,6 +418,8 @@ def main():
                 path = os.path.join(app_dir, sub)
                 if not os.path.isdir(path):
                     os.mkdir(path, mode)
+            if adopt_env is not None or adopt_logs:
+                adopt(guard, p["adopt_from"], app_dir, env_path, adopt_env, adopt_logs)
             if result["installed"]:
                 install(module, app_dir, rid, p["archive"])
             # the environment after the install (a failed install leaves it as it was), before the switch
@@ -391,7 +475,7 @@ def main():
     if p["restore_env"] and module.check_mode:
         result["env_restored"] = os.path.isfile(env_path + ENV_PREVIOUS)
     result["changed"] = bool(result["installed"] or result["switched"] or doomed or result["env_changed"]
-                             or result["env_restored"])
+                             or result["env_restored"] or adopt_env is not None or adopt_logs)
     if module._diff:
         result["diff"] = {"before": {"current": previous}, "after": {"current": rid}}
     module.exit_json(**result)

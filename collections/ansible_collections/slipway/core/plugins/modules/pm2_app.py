@@ -21,7 +21,14 @@ description:
     reference app's does) makes PM2 store the C(current) link's own path, so every later reload
     starts the workers from whatever C(current) points at then. Processes started with a real
     release path (C(releases/<id>)) would keep running that release's code on every reload; the
-    module moves them to the C(current) path with C(pm2 delete) + C(pm2 start) (I(action=restarted)).
+    module moves them to the C(current) path (e.g. an app started by hand from a directory of its
+    own, which a first deploy takes over). When every one is online in cluster mode this happens
+    with no gap (I(action=replaced)): the ecosystem's app is started beside them under the name
+    C(<app_name>~slipway-handover) from the C(current) link (PM2's cluster mode shares the listening
+    socket between apps), gated on health, then the old processes are deleted (each finishing its
+    requests), the app is started under its own name, gated, and the second app deleted. When the
+    new workers fail their gate they are deleted and the old processes serve on, untouched.
+    Otherwise C(pm2 delete) + C(pm2 start) (I(action=restarted), a short gap).
   - Health gate after any action, within I(health_timeout) seconds counted from the action's start
     (C(pm2 jlist) shows every instance online, restart counts and pids unchanged for
     I(stable_seconds), and I(health_url) answers I(health_successes) consecutive 200 responses whose
@@ -65,8 +72,10 @@ options:
     default: pm2
   state:
     description: C(present) starts or reloads the app as described above; C(absent) deletes the app's
-      processes from PM2 (C(pm2 delete), then C(pm2 save)) and does nothing else - e.g. after a first
-      deploy that failed, when no release ever served healthy.
+      processes that run from I(app_dir) from PM2 (C(pm2 delete <id>...), then C(pm2 save)) and does
+      nothing else - e.g. after a first deploy that failed, when no release ever served healthy.
+      Processes of the app that run from elsewhere (an app started by hand, not yet taken over) are
+      left running.
     type: str
     choices: [present, absent]
     default: present
@@ -80,9 +89,11 @@ options:
     type: str
   reload:
     description: C(auto) reloads only when needed, C(always) reloads a running app anyway, C(never)
-      only starts an absent app (the health gate still expects I(release)).
+      only starts an absent app (the health gate still expects I(release)), C(replace) replaces a
+      running app's processes with new ones (I(action=replaced)), whose environment holds nothing
+      of the old ones' (a reload merges it, so a key removed from the app's environment would stay).
     type: str
-    choices: [auto, always, never]
+    choices: [auto, always, never, replace]
     default: auto
   env:
     description: Extra environment for the pm2 commands (with C(--update-env) it reaches the app).
@@ -143,7 +154,7 @@ action:
   description: What was done (or, in check mode, would be done).
   returned: always
   type: str
-  choices: [none, started, reloaded, restarted]
+  choices: [none, started, reloaded, replaced, restarted, deleted]
 reason:
   description: Why, in one line.
   returned: always
@@ -207,6 +218,12 @@ app_error:
     the app wrote none.
   returned: always
   type: str
+handover:
+  description: With I(action=replaced), the second PM2 app that served during the handover (C(app)),
+    the working directories the old processes ran from (C(old_cwd)) and whether they were deleted
+    (C(old_deleted)).
+  returned: when action is replaced
+  type: dict
 recovered:
   description: C(pm_id)s of the instances restarted by the recovery (down on another release than
     I(release) after the action or gate failed); empty when none was needed.
@@ -221,6 +238,8 @@ modes_fixed:
   elements: str
 """
 
+import copy
+import json
 import os
 import signal
 import subprocess
@@ -244,6 +263,19 @@ from ansible_collections.slipway.core.plugins.module_utils.pm2 import (
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
 _IN_PROGRESS = "already in progress"
+
+# action=replaced: the second PM2 app that serves while the app's processes are replaced, and the
+# process file that starts it (the release's own ecosystem file, its app renamed).
+HANDOVER_SUFFIX = "~slipway-handover"
+HANDOVER_CONFIG = "handover.config.cjs"
+HANDOVER_JS = """'use strict';
+// written by slipway's pm2_app for one handover (action=replaced), removed once PM2 started it
+const loaded = require(%s);
+const apps = loaded.apps || (Array.isArray(loaded) ? loaded : [loaded]);
+module.exports = {
+  apps: apps.filter((app) => app.name === %s).map((app) => Object.assign({}, app, { name: %s })),
+};
+"""
 
 
 class GateFailed(Exception):
@@ -305,8 +337,8 @@ class Pm2App(object):
             self.pm2_bin = self.module.get_bin_path(self.module.params["pm2_bin"], required=True)
         return self.pm2_bin
 
-    def jlist(self):
-        """This app's processes (safe summaries); [] when no daemon runs (none is started)."""
+    def jlist(self, name=None):
+        """This app's processes (or app ``name``'s; safe summaries); [] when no daemon runs (none is started)."""
         if daemon_pid(self.pm2_home) is None:
             return []
         proc = subprocess.run([self.bin(), "jlist"], cwd=self.app_dir, env=dict(os.environ, PM2_HOME=self.pm2_home),
@@ -315,7 +347,7 @@ class Pm2App(object):
             said = one_line(proc.stderr, pick="last", default="no output")
             raise GateFailed("pm2 jlist failed (rc=%d): %s" % (proc.returncode, redact_text(said)))
         try:
-            return app_processes(summarize_jlist(proc.stdout), self.app_name)
+            return app_processes(summarize_jlist(proc.stdout), name or self.app_name)
         except ValueError as exc:
             raise GateFailed(str(exc))
 
@@ -551,15 +583,34 @@ class Pm2App(object):
         return "/".join(looked) or "logs", None
 
 
+def _under(path, app_dir):
+    """Whether ``path`` (a process's working directory) is ``app_dir`` or inside it."""
+    return bool(path) and (path == app_dir or path.startswith(app_dir.rstrip("/") + "/"))
+
+
+def can_hand_over(procs):
+    """Whether new workers can serve beside ``procs`` before they go: every one online in PM2's
+    cluster mode (the PM2 daemon holds the listening socket and shares it with the workers of any
+    app on the same address, so a second app's workers take connections at once)."""
+    return bool(procs) and all(p.get("exec_mode") == "cluster_mode" and p.get("status") == "online" for p in procs)
+
+
 def decide(procs, current, release, reload_mode):
     """(action, reason) for the processes PM2 runs now."""
     if not procs:
         return "started", "the app is not running under PM2"
     elsewhere = sorted(set(p.get("pm_cwd") or "?" for p in procs
                            if p.get("pm_cwd") != current or not str(p.get("pm_exec_path") or "").startswith(current + "/")))
-    if elsewhere and reload_mode != "never":
-        return "restarted", ("processes were started from %s, not from %s, so a reload would keep running that "
-                             "code; deleted and started again from the current link" % (", ".join(elsewhere), current))
+    if (elsewhere and reload_mode != "never") or reload_mode == "replace":
+        why = ("processes were started from %s, not from %s, so a reload would keep running that code" % (
+            ", ".join(elsewhere), current) if elsewhere and reload_mode != "replace" else
+            "reload=replace (new processes, with nothing of the old ones' environment: `pm2 reload --update-env` "
+            "merges it, so a removed key would stay)")
+        if can_hand_over(procs):
+            return "replaced", ("%s; new workers started from the current link beside them, then the old ones "
+                                "deleted (no gap)" % why)
+        return "restarted", ("%s; deleted and started again from the current link (not every instance is online in "
+                             "cluster mode, so new workers cannot serve beside them: a short gap)" % why)
     others = sorted(set(str(p.get("release")) for p in procs if p.get("release") != release))
     not_online = [p for p in procs if p.get("status") != "online"]
     if reload_mode == "never":
@@ -622,21 +673,24 @@ class Rollout(object):
     # ---------------------------------------------------------------- before anything is done
     def check_release(self):
         """The release expected to serve is the one ``current`` points at, complete, with its
-        ecosystem file. In check mode a deploy's switch of ``current`` to it is predicted (and ends
-        the module)."""
+        ecosystem file. In check mode a deploy's switch of ``current`` to it (or its first
+        ``current``) is predicted (and ends the module)."""
         app, p = self.app, self.p
-        if not os.path.islink(app.current) and not os.path.isdir(app.current):
-            self.fail("%s does not exist; install a release and point current at it first (app_release)" % app.current)
-        real = os.path.realpath(app.current)
-        current_release = os.path.basename(real)
+        exists = os.path.islink(app.current) or os.path.isdir(app.current)
+        real = os.path.realpath(app.current) if exists else None
+        current_release = os.path.basename(real) if exists else None
         release = self.release = self.result["release"] = p["release"] or current_release
-        if release != current_release and self.module.check_mode:
+        if release and release != current_release and self.module.check_mode:
             # a deploy in check mode: app_release would have switched current to `release` by now
-            before = self.observe(self.read_state())
-            self.result.update(changed=True, action="reloaded" if before["instances"] else "started",
-                               reason="current would switch from %s to %s" % (current_release, release),
-                               pids_before=before["pids"])
+            procs = self.read_state()
+            before = self.observe(procs)
+            action, reason = decide(procs, app.current, release, p["reload"])
+            self.result.update(changed=True, action=action if action != "none" else "reloaded", pids_before=before["pids"],
+                               reason="current would %s %s; %s" % (
+                                   "switch from %s to" % current_release if exists else "point at", release, reason))
             self.module.exit_json(**self.result)
+        if not exists:
+            self.fail("%s does not exist; install a release and point current at it first (app_release)" % app.current)
         if release != current_release:
             self.fail("current points at %s, not at the expected release %s; switch current first (app_release) "
                       "or pass release=%s" % (current_release, release, current_release))
@@ -691,17 +745,20 @@ class Rollout(object):
         self.started = time.time()
         self.deadline = self.started + self.p["health_timeout"]
 
-    def act(self, args, baseline):
-        """One pm2 command that changes the app's processes: started only while the run holds the
-        deploy lock, and finished (then journaled) even when the run is stopped meanwhile -- PM2's
-        daemon would go on with a half-done reload anyway; the gate after it is what a stop cuts."""
+    def act(self, args, baseline, app=None):
+        """One pm2 command that changes the app's processes (``app``: another PM2 app's view, e.g.
+        the handover's second app, watched while the command runs): started only while the run
+        holds the deploy lock, and finished (then journaled) even when the run is stopped meanwhile
+        -- PM2's daemon would go on with a half-done reload anyway; the gate after it is what a stop
+        cuts."""
+        app = app or self.app
         with self.guard.hold():
             done = False
             try:
-                self.app.run_pm2(args, self.release, self.deadline, baseline)
+                app.run_pm2(args, self.release, self.deadline, baseline)
                 done = True
             finally:
-                self.guard.record("pm2", action=args[0], release=self.release, app=self.app.app_name, completed=done)
+                self.guard.record("pm2", action=args[0], release=self.release, app=app.app_name, completed=done)
 
     def full_gate(self):
         """The gate after a change. An online instance that keeps answering with another release
@@ -730,6 +787,8 @@ class Rollout(object):
                 self.act(["start", app.ecosystem, "--cwd", app.current], [])
             elif action == "reloaded":
                 self.act(["reload", app.ecosystem, "--update-env"], procs)
+            elif action == "replaced":
+                return self.hand_over(procs)
             if action == "none":
                 try:
                     return app.gate(self.release, self.deadline, 1, 0)
@@ -744,6 +803,47 @@ class Rollout(object):
             return self.full_gate()
         except GateFailed as exc:
             return self.recover(exc)
+
+    def hand_over(self, procs):
+        """action=replaced, with no gap: the release started beside the running processes as a
+        second PM2 app (the ecosystem's app under another name, from the `current` link; cluster
+        mode shares the listening socket), gated; then the old processes deleted (each finishes its
+        requests first), the app started under its own name, gated; then the second app deleted.
+        When the new workers fail their gate, they are deleted and the old processes were never
+        touched. Returns (processes, health) of the app under its own name."""
+        app, p = self.app, self.p
+        helper = copy.copy(app)
+        helper.app_name = app.app_name + HANDOVER_SUFFIX
+        self.result["handover"] = dict(app=helper.app_name, old_cwd=sorted(set(x.get("pm_cwd") or "?" for x in procs)),
+                                       old_deleted=False)
+        config = layout.join(layout.state_dir(app.app_dir), HANDOVER_CONFIG)
+        with open(config, "w") as handle:  # no secret in it: it loads the release's own ecosystem file
+            handle.write(HANDOVER_JS % (json.dumps(app.ecosystem), json.dumps(app.app_name), json.dumps(helper.app_name)))
+        try:
+            self._drop(helper)  # left by an interrupted handover
+            self.act(["start", config, "--cwd", app.current], [], app=helper)
+            # the old workers answer too (another release, or the same one from elsewhere): one
+            # answer of the release from each new worker is what counts here
+            helper.gate(self.release, self.deadline, 1, p["stable_seconds"])
+        except GateFailed as exc:
+            error = helper.app_error(helper.jlist()) if helper.jlist() else (None, None)
+            self._drop(helper)
+            raise GateFailed("%s%s; the new workers were deleted, the old processes serve as before" % (
+                exc, "; app error (%s): %s" % error if error[1] else ""))
+        finally:
+            os.unlink(config)
+        self.act(["delete", app.app_name], procs)
+        self.result["handover"]["old_deleted"] = True
+        self.act(["start", app.ecosystem, "--cwd", app.current], [])
+        gated = self.full_gate()
+        self._drop(helper)
+        return gated
+
+    def _drop(self, helper):
+        """Delete the handover's second app (its workers finish their requests first)."""
+        left = helper.jlist()
+        if left:
+            self.act(["delete", helper.app_name], left, app=helper)
 
     def recover(self, exc):
         """After ``exc`` (a rollback after a release that crashed at start): instances that are down
@@ -805,10 +905,16 @@ class Rollout(object):
         app = self.app
         current = os.path.realpath(app.current) if os.path.lexists(app.current) else ""
         self.release = self.result["release"] = os.path.basename(current) or None
-        before = self.observe(self.read_state())
-        self.result.update(action="deleted" if before["instances"] else "none", pids_before=before["pids"],
-                           reason="state=absent", changed=bool(before["instances"]))
-        if not before["instances"] or self.module.check_mode:
+        procs = self.read_state()
+        before = self.observe(procs)
+        # only what runs from the app dir: an app started by hand elsewhere (a takeover that failed
+        # before its handover) serves on
+        ours = [str(x["pm_id"]) for x in procs if _under(x.get("pm_cwd"), app.app_dir)]
+        kept = sorted(set(x.get("pm_cwd") or "?" for x in procs if str(x["pm_id"]) not in ours))
+        self.result.update(action="deleted" if ours else "none", pids_before=before["pids"],
+                           reason="state=absent" + ("; left running: processes from %s" % ", ".join(kept) if kept else ""),
+                           changed=bool(ours))
+        if not ours or self.module.check_mode:
             self.module.exit_json(**self.result)
         self.guard = runguard.from_env()
         try:
@@ -819,7 +925,7 @@ class Rollout(object):
         try:
             with self.guard.hold():
                 try:
-                    proc = subprocess.run([app.bin(), "delete", app.app_name], cwd=app.app_dir,
+                    proc = subprocess.run([app.bin(), "delete"] + ours, cwd=app.app_dir,
                                           env=dict(os.environ, PM2_HOME=app.pm2_home), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, universal_newlines=True, timeout=120)
                     done = proc.returncode == 0
@@ -862,7 +968,7 @@ def main():
             pm2_bin=dict(type="str", default="pm2"),
             ecosystem=dict(type="str", default="ecosystem.config.js"),
             release=dict(type="str"),
-            reload=dict(type="str", default="auto", choices=["auto", "always", "never"]),
+            reload=dict(type="str", default="auto", choices=["auto", "always", "never", "replace"]),
             env=dict(type="dict", default={}, no_log=True),
             health_url=dict(type="str", required=True),
             health_status=dict(type="int", default=200),
