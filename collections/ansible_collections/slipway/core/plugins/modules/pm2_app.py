@@ -585,7 +585,8 @@ class Pm2App(object):
 
 def _under(path, app_dir):
     """Whether ``path`` (a process's working directory) is ``app_dir`` or inside it."""
-    return bool(path) and (path == app_dir or path.startswith(app_dir.rstrip("/") + "/"))
+    base = app_dir.rstrip("/")
+    return bool(path) and (path.rstrip("/") == base or path.startswith(base + "/"))
 
 
 def can_hand_over(procs):
