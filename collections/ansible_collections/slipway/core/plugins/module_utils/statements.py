@@ -115,8 +115,41 @@ def split_chunk(text):
     out = []
     for raw, piece in zip(raws, texts):
         word = _txn_word(raw.stmt) if isinstance(raw.stmt, pgast.TransactionStmt) else None
-        out.append({"text": piece, "node": raw.stmt, "txn": word})
+        out.append({"text": _without_leading_comments(piece), "node": raw.stmt, "txn": word})
     return {"parsed": True, "error": None, "statements": out}
+
+
+def _without_leading_comments(piece):
+    """A statement's text from its first token: pglast 8 (PostgreSQL 18's parser) splits a chunk
+    that way, pglast 7 (the runtime on Python 3.9) keeps the comments before each statement."""
+    while True:
+        stripped = piece.lstrip()
+        if stripped.startswith("--"):
+            newline = stripped.find("\n")
+            piece = "" if newline < 0 else stripped[newline + 1:]
+        elif stripped.startswith("/*"):
+            end = _block_comment_end(stripped)
+            if end < 0:
+                return stripped
+            piece = stripped[end:]
+        else:
+            return stripped
+
+
+def _block_comment_end(text):
+    """The index after the ``/* ... */`` comment ``text`` starts with (they nest in PostgreSQL), or -1."""
+    depth, i = 0, 0
+    while i < len(text) - 1:
+        pair = text[i:i + 2]
+        if pair == "/*":
+            depth, i = depth + 1, i + 2
+        elif pair == "*/":
+            depth, i = depth - 1, i + 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    return -1
 
 
 def index_build(node):
