@@ -53,19 +53,31 @@ def playbook_phases(playbook: Path = PLAYBOOKS / "deploy.yml") -> tuple[str, ...
 PHASES = playbook_phases()
 
 
-def deploy_extravars(run_id: str, built, runtime: tuple) -> dict:
-    """What playbooks/deploy.yml's roles get from the controller (Molecule passes the same)."""
-    runtime_id, runtime_archive, runtime_python = runtime
+def deploy_extravars(run_id: str, built, runtimes: dict) -> dict:
+    """What playbooks/deploy.yml's roles get from the controller (Molecule passes the same);
+    ``runtimes``: {X.Y: slipway.runtime.Runtime}, one per Python the hosts run modules with."""
+    from .runtime import extravars
+
     return {
         "slipway_deploy_run_id": run_id,
         "slipway_release_id": built.id,
         "slipway_release_archive": str(built.archive),
         "slipway_migrations": built.migrations,
         "slipway_app": built.app.as_vars(),
-        "slipway_runtime_id": runtime_id,
-        "slipway_runtime_archive": str(runtime_archive),
-        "slipway_runtime_python": runtime_python,
+        **extravars(runtimes),
     }
+
+
+def runtime_lines(pythons: dict, runtimes: dict) -> list[str]:
+    """One line per module runtime: its id, where it came from, and the hosts (interpreter and
+    version) it is for."""
+    lines = []
+    for xy, rt in runtimes.items():
+        hosts = [f"{p.host} ({p.interpreter}, {p.version})" for p in pythons.values() if p.python == xy]
+        origin = ("the controller's venv" if rt.origin == "venv" else
+                  "PyPI wheels, cached" if rt.cached else "PyPI wheels, downloaded now")
+        lines.append(f"  runtime {rt.id} ({origin}) for Python {xy}: {', '.join(hosts)}")
+    return lines
 
 
 def new_run_id() -> str:
@@ -380,8 +392,9 @@ def render_report(report: dict, lints: dict | None = None) -> list[str]:
 def deploy(host: str, release: str | None = None, check: bool = False, report_path: str | None = None,
            out=sys.stdout) -> int:
     from . import release as rel
+    from . import runtime as rt
     from .inventory import resolve_target
-    from .remote import LockHeld, lock_hosts
+    from .remote import LockHeld, close_all, lock_hosts, probe_pythons
     from .runner import run_playbook
     from .vault import check_hosts
 
@@ -394,18 +407,28 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
         if source.app.needs_token:  # the app's smoke tests send the API token (slipway.yml): before a build
             check_hosts(hosts, required=("slipway_api_token",), optional=())
         built = rel.pack(source)
-    runtime_id, runtime_archive, runtime_python = rel.runtime()
+    # each host's module Python, one command on the SSH connection its deploy lock then uses; the
+    # module runtime for each Python X.Y (a download that fails stops here, before any lock)
+    pythons, conns = probe_pythons(hosts)
+    try:
+        runtimes = rt.runtimes(list(pythons.values()))
+    except BaseException:
+        close_all(conns)
+        raise
     run_id = new_run_id()
     mode = "check (nothing will change)" if check else "deploy"
     print(f"slipway {mode}: release {built.id} ({built.files} files, {len(built.journal_tags)} migrations) "
           f"from {built.source} -> {', '.join(hosts)}; run {run_id}", file=out, flush=True)
+    for line in runtime_lines(pythons, runtimes):
+        print(line, file=out, flush=True)
     tracker = PhaseTracker(out)
-    extravars = deploy_extravars(run_id, built, (runtime_id, runtime_archive, runtime_python))
+    extravars = deploy_extravars(run_id, built, runtimes)
     command = "invoke deploy --host " + host + (" --check" if check else "")
     interrupted: dict = {}
     how = ""
     try:
-        with _stop_on_signals() as stop, lock_hosts(hosts, run_id, command, extra={"release": built.id}) as locks:
+        with _stop_on_signals() as stop, lock_hosts(hosts, run_id, command, extra={"release": built.id},
+                                                    conns=conns) as locks:
             for lock in locks:
                 if lock.stale_message:
                     print(f"  {lock.host}: {lock.stale_message}", file=out, flush=True)

@@ -1,5 +1,6 @@
 """What a deploy ships, built once on the controller: the app release (a content-addressed,
-byte-reproducible archive) and slipway's module runtime (psycopg + pglast for the target's Python).
+byte-reproducible archive). slipway's module runtime (psycopg + pglast for each host's Python) is
+slipway/runtime.py's, archived the same way in the same cache.
 
 A release is named by its content: the same files give the same id (``r`` + 12 hex), so shipping
 the same content twice finds the release already installed and changes nothing.
@@ -14,7 +15,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -27,8 +27,6 @@ from .errors import SlipwayError
 from .paths import READER_APP
 
 REQUIRED = ("package.json", "package-lock.json")  # the ecosystem file and migrations: slipway/appconfig.py
-RUNTIME_PACKAGES = ("psycopg", "psycopg_binary", "psycopg_binary.libs", "pglast", "typing_extensions.py")
-_RUNTIME_SKIP = ("__pycache__", ".pyi", ".pxd", ".c", ".h")
 
 
 _APP_EXCLUDE = {"node_modules", "logs", ".env", ".git"}
@@ -218,33 +216,3 @@ def pack(source: Source) -> Release:
             migrations[f"{entry['tag']}.sql"] = (base / f"{entry['tag']}.sql").read_text()
         return Release(id=rid, source=label, archive=out, files=files, migrations=migrations,
                        journal_tags=[m["tag"] for m in folder["migrations"]], app=app)
-
-
-def runtime() -> tuple[str, Path, str]:
-    """(id, archive, python "X.Y") of the module runtime: the controller venv's psycopg and pglast,
-    for a target Python of the same version (compiled extensions are tied to it)."""
-    import pglast
-    import psycopg
-
-    site = Path(psycopg.__file__).resolve().parent.parent
-    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    members = []
-    for name in RUNTIME_PACKAGES:
-        top = site / name
-        if top.is_file():
-            members.append((name, top))
-            continue
-        if not top.is_dir():
-            raise SlipwayError(f"{top} is missing from the controller's venv; run ./bootstrap")
-        for path in sorted(top.rglob("*")):
-            if path.is_file() and not any(part == "__pycache__" for part in path.parts) and not path.name.endswith(_RUNTIME_SKIP[1:]):
-                members.append((str(path.relative_to(site)), path))
-    digest = hashlib.sha256(f"{pyver} {psycopg.__version__} {pglast.__version__}".encode())
-    for name, path in members:
-        digest.update(name.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
-    rid = f"py{pyver.replace('.', '')}-{digest.hexdigest()[:12]}"
-    out = cache_dir() / "runtime" / f"{rid}.tar.gz"
-    out.parent.mkdir(mode=0o700, exist_ok=True)
-    if not out.exists():
-        _deterministic_tar(out, members)
-    return rid, out, pyver

@@ -24,12 +24,16 @@ import socket
 import threading
 import time
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from ansible_collections.slipway.core.plugins.module_utils import layout
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
 from .errors import Exit, SlipwayError
 from .inventory import host_vars
+
+if TYPE_CHECKING:
+    from .runtime import HostPython
 
 CONNECT_TIMEOUT = 10
 HEARTBEAT_SECONDS = 10
@@ -163,6 +167,107 @@ def run(conn, cmd: str, **kwargs):
     kwargs.setdefault("hide", True)
     kwargs.setdefault("in_stream", False)
     return conn.run(cmd, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The host's module Python (what slipway's runtime is built for)
+# --------------------------------------------------------------------------------------------
+_AUTO = ("auto", "auto_silent", "auto_legacy", "auto_legacy_silent")
+# Runs with the host's module Python (any 3.x): its version and what decides which wheels load.
+_PYTHON_FACTS = """\
+import json, os, platform, sys, sysconfig
+try:
+    libc = os.confstr("CS_GNU_LIBC_VERSION")
+except (AttributeError, ValueError, OSError):
+    libc = None
+print("SLIPWAY-PYTHON " + json.dumps({"version": "%d.%d.%d" % tuple(sys.version_info[:3]),
+      "implementation": platform.python_implementation(), "platform": sysconfig.get_platform(), "libc": libc}))
+"""
+
+
+def module_interpreter(host: str, hv=None) -> tuple[list[str], list[str]]:
+    """How Ansible will start ``host``'s module Python: (the command, as words) when the inventory
+    (or ansible.cfg's interpreter_python) names one, else ([], the names its auto-discovery tries
+    in order: ``INTERPRETER_PYTHON_FALLBACK``, python3.13 ... /usr/bin/python3, python3)."""
+    from ansible import constants as C
+
+    hv = hv if hv is not None else host_vars(host)
+    given = hv.render("ansible_python_interpreter") or C.config.get_config_value("INTERPRETER_PYTHON")
+    if given and str(given).strip() not in _AUTO:
+        return shlex.split(str(given)), []
+    fallback = hv.render("ansible_interpreter_python_fallback") or C.config.get_config_value("INTERPRETER_PYTHON_FALLBACK")
+    return [], [str(name) for name in fallback]
+
+
+def python_probe_command(command: list[str], fallback: list[str]) -> str:
+    """One shell command: find the interpreter as Ansible's discovery would (the first of
+    ``fallback`` that `command -v` finds as a path, else /usr/bin/python3) unless ``command`` is
+    given, say which (``SLIPWAY-INTERPRETER``), and run the facts script with it."""
+    q = shlex.quote
+    if command:
+        find = "set -- " + " ".join(q(word) for word in command)
+    else:
+        find = ("p=; for c in " + " ".join(q(name) for name in fallback) + "; do "
+                "p=$(command -v \"$c\" 2>/dev/null) && case $p in /*) break;; esac; p=; done; "
+                "set -- \"${p:-/usr/bin/python3}\"")
+    return (f"{find}; printf 'SLIPWAY-INTERPRETER %s\\n' \"$*\"; "
+            f"exec \"$@\" -c {q(_PYTHON_FACTS)}")
+
+
+def parse_python_probe(host: str, stdout: str, stderr: str, exited: int) -> HostPython:
+    """The probe's answer as a HostPython, or a one-line SlipwayError naming the interpreter."""
+    from .runtime import HostPython
+
+    interpreter, facts = None, None
+    for line in stdout.splitlines():
+        if line.startswith("SLIPWAY-INTERPRETER "):
+            interpreter = line[len("SLIPWAY-INTERPRETER "):].strip()
+        elif line.startswith("SLIPWAY-PYTHON "):
+            try:
+                facts = json.loads(line[len("SLIPWAY-PYTHON "):])
+            except ValueError:
+                facts = None
+    if not facts:
+        lines = [line.strip() for line in redact_text(stderr).splitlines() if line.strip()]
+        said = lines[0][:300] if lines else f"exit {exited}, no output"
+        raise SlipwayError(f"cannot run {host}'s module Python {interpreter or '(none found)'} ({said}); install "
+                           "python3 there or set ansible_python_interpreter for the host in the inventory")
+    plat = str(facts.get("platform") or "")
+    libc = str(facts.get("libc") or "")
+    return HostPython(host=host, interpreter=interpreter or "?", version=str(facts.get("version")),
+                      implementation=str(facts.get("implementation")),
+                      machine=plat.split("-", 1)[-1] if plat.startswith("linux-") else plat,
+                      glibc=libc.split()[-1] if libc.startswith("glibc ") else None)
+
+
+def probe_python(host: str, conn, hv=None) -> HostPython:
+    """``host``'s module Python (version, implementation, architecture, glibc): one command on
+    the open connection ``conn``."""
+    command, fallback = module_interpreter(host, hv)
+    result = run(conn, python_probe_command(command, fallback))
+    return parse_python_probe(host, result.stdout, result.stderr, result.exited)
+
+
+def probe_pythons(hosts: list[str]) -> tuple[dict, dict]:
+    """({host: HostPython}, {host: open connection}) for each of ``hosts``, in sorted order. The
+    connections are for ``lock_hosts(..., conns=)`` to take over (one SSH connection per host for
+    the probe and the lock); on an error the ones opened are closed."""
+    found, conns = {}, {}
+    try:
+        for host in sorted(set(hosts)):
+            conns[host] = connect(host)
+            found[host] = probe_python(host, conns[host])
+    except BaseException:
+        close_all(conns)
+        raise
+    return found, conns
+
+
+def close_all(conns: dict) -> None:
+    for conn in conns.values():
+        with contextlib.suppress(Exception):
+            conn.close()
+    conns.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +416,7 @@ class DeployLock:
 
     def __init__(self, host: str, run_id: str, command: str = "", app_dir: str | None = None,
                  params: dict | None = None, heartbeat: float = HEARTBEAT_SECONDS,
-                 silence: int = KEEPER_SILENCE_SECONDS, extra: dict | None = None):
+                 silence: int = KEEPER_SILENCE_SECONDS, extra: dict | None = None, conn=None):
         if not _RUN_ID.match(run_id or ""):
             raise SlipwayError(f"run id {run_id!r} is not a plain name")
         self.host = host
@@ -325,6 +430,7 @@ class DeployLock:
         self.heartbeat = heartbeat
         self.silence = int(silence)
         self.conn = None
+        self._given_conn = conn  # an open connection to use (probe_pythons'); closed with the lock
         self.channel = None
         self.meta: dict | None = None
         self.stale: dict | None = None
@@ -376,7 +482,7 @@ class DeployLock:
     def acquire(self) -> DeployLock:
         if self.channel is not None:
             raise SlipwayError(f"the deploy lock of {self.host} is already held by this run")
-        self.conn = connect(self.host, self._params)
+        self.conn, self._given_conn = self._given_conn or connect(self.host, self._params), None
         try:
             for _attempt in range(10):
                 if self._try_acquire():
@@ -530,16 +636,22 @@ class DeployLock:
 
 
 @contextlib.contextmanager
-def lock_hosts(hosts: list[str], run_id: str, command: str = "", extra: dict | None = None):
+def lock_hosts(hosts: list[str], run_id: str, command: str = "", extra: dict | None = None,
+               conns: dict | None = None):
     """Hold the deploy lock of every host in ``hosts`` (taken in sorted order, so two runs over
     overlapping hosts cannot deadlock); yields the list of DeployLock in that order (each has
     ``.host``, ``.stale``, ``.stale_message``). If one is held by another run, the ones already
-    taken are released and LockHeld is raised."""
+    taken are released and LockHeld is raised. ``conns``: open connections by host (from
+    probe_pythons) the locks take over; any left over are closed at the end."""
     taken: list[DeployLock] = []
+    conns = conns if conns is not None else {}
     try:
         for host in sorted(set(hosts)):
-            taken.append(DeployLock(host, run_id, command, extra=extra).acquire())
+            lock = DeployLock(host, run_id, command, extra=extra, conn=conns.get(host))
+            conns.pop(host, None)  # the lock closes it from here on
+            taken.append(lock.acquire())
         yield taken
     finally:
         for lock in reversed(taken):
             lock.release()
+        close_all(conns)

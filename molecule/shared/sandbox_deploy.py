@@ -4,7 +4,7 @@
         Build the release (examples/reader-app, or with --variant a copy of it under DIR with one
         extra file, so its release id differs from the one the sandbox runs) and slipway's module
         runtime, and write the extra vars `invoke deploy` passes (slipway_deploy_run_id,
-        slipway_release_id, slipway_release_archive, slipway_migrations, slipway_runtime_*) to OUT.yml.
+        slipway_release_id, slipway_release_archive, slipway_migrations, slipway_runtimes) to OUT.yml.
         No secret is in them.
     sandbox_deploy.py lock-hold HOST RUN_ID PIDFILE LOGFILE
         Take HOST's real deploy lock (slipway.remote.DeployLock) for RUN_ID and keep holding it from a
@@ -34,7 +34,7 @@ VARIANT_FILE = "MOLECULE_VARIANT.txt"
 
 
 def write_vars(out: str, run_id: str, variant: str | None) -> None:
-    from slipway import release
+    from slipway import release, runtime
     from slipway.deploy import deploy_extravars
     from slipway.paths import READER_APP
     from slipway.release import app_files
@@ -50,10 +50,11 @@ def write_vars(out: str, run_id: str, variant: str | None) -> None:
         (dest / VARIANT_FILE).write_text("a release that differs from the sandbox's only by this file\n")
         spec = str(dest)
     built = release.build(spec)
-    data = deploy_extravars(run_id, built, release.runtime())
+    own = runtime.build()  # the sandbox hosts run modules with the controller's Python X.Y
+    data = deploy_extravars(run_id, built, {own.python: own})
     Path(out).write_text("---\n# written by molecule/shared/sandbox_deploy.py: what `invoke deploy` passes\n"
                          + yaml.safe_dump(data, sort_keys=True))
-    print(f"release {built.id}, runtime {data['slipway_runtime_id']}, {len(built.journal_tags)} migrations")
+    print(f"release {built.id}, runtime {own.id}, {len(built.journal_tags)} migrations")
 
 
 def lock_hold(host: str, run_id: str, pidfile: str, logfile: str) -> None:

@@ -412,17 +412,17 @@ def test_no_secret_in_any_output_report_or_record(hosts):
 def test_runtime_playbook_installs_the_module_runtime_without_the_lock(hosts):
     """playbooks/runtime.yml (role preflight, entry point runtime), for read-only commands: the
     module runtime installed on every host of a group, no deploy lock taken, no record written."""
-    from slipway import release
+    from slipway import runtime
     from slipway.runner import run_playbook
 
-    rid, archive, pyver = release.runtime()
+    own = runtime.build()  # the sandbox's hosts run modules with the controller's Python X.Y
+    rid = own.id
     host = hosts["hosts"]["sandbox-2"]
     runtime_dir = host.app_dir / ".slipway" / "runtime" / rid
     shutil.rmtree(runtime_dir, ignore_errors=True)  # installed by the deploys before, if they ran
     records_file = host.app_dir / ".slipway" / "deploys.jsonl"
     records = records_file.read_text() if records_file.exists() else None
-    result = run_playbook("runtime.yml", "sandboxes", {"slipway_runtime_id": rid, "slipway_runtime_archive": str(archive),
-                                                       "slipway_runtime_python": pyver})
+    result = run_playbook("runtime.yml", "sandboxes", runtime.extravars({own.python: own}))
     assert result["rc"] == 0, result["failures"]
     paths = result["data"]["runtime"]
     assert sorted(paths) == ["sandbox", "sandbox-2"]
