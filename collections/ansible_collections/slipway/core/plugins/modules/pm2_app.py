@@ -729,9 +729,9 @@ class Rollout(object):
         """Under the run's guard (or fail: PM2 not touched), with PM2_HOME private, the app's logs
         marked and the clock started."""
         app = self.app
-        if self.action == "reloaded" and app.daemon_sched_policy() != "none":
-            self.module.warn("the PM2 daemon uses Node's round-robin connection hand-off, with which a reload can lose "
-                             "a connection now and then; start the daemon with NODE_CLUSTER_SCHED_POLICY=none (pm2_app "
+        if self.action in ("reloaded", "replaced") and app.daemon_sched_policy() != "none":
+            self.module.warn("the PM2 daemon uses Node's round-robin connection hand-off, with which a reload or a "
+                             "handover can lose a connection now and then; start the daemon with NODE_CLUSTER_SCHED_POLICY=none (pm2_app "
                              "does when it starts the daemon; for a running one: pm2 kill, then run pm2_app, in a quiet "
                              "moment)")
         self.guard = runguard.from_env()  # inactive outside a deploy run
@@ -817,6 +817,8 @@ class Rollout(object):
         helper.app_name = app.app_name + HANDOVER_SUFFIX
         self.result["handover"] = dict(app=helper.app_name, old_cwd=sorted(set(x.get("pm_cwd") or "?" for x in procs)),
                                        old_deleted=False)
+        if not os.path.isdir(layout.state_dir(app.app_dir)):
+            os.makedirs(layout.state_dir(app.app_dir), 0o700)
         config = layout.join(layout.state_dir(app.app_dir), HANDOVER_CONFIG)
         with open(config, "w") as handle:  # no secret in it: it loads the release's own ecosystem file
             handle.write(HANDOVER_JS % (json.dumps(app.ecosystem), json.dumps(app.app_name), json.dumps(helper.app_name)))
