@@ -23,7 +23,7 @@ description:
     release path (C(releases/<id>)) would keep running that release's code on every reload; the
     module moves them to the C(current) path (e.g. an app started by hand from a directory of its
     own, which a first deploy takes over). When every one is online in cluster mode this happens
-    with no gap (I(action=replaced)): the ecosystem's app is started beside them under the name
+    with no gap (I(action=replaced)) - the ecosystem's app is started beside them under the name
     C(<app_name>~slipway-handover) from the C(current) link (PM2's cluster mode shares the listening
     socket between apps), gated on health, then the old processes are deleted (each finishing its
     requests), the app is started under its own name, gated, and the second app deleted. When the
