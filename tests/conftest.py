@@ -83,7 +83,8 @@ def pgc():
         pytest.fail("the engine tests need root: they start a PostgreSQL cluster as the postgres user")
     from pgcluster import Cluster
 
-    cluster = Cluster(int(os.environ["SLIPWAY_SANDBOX_INSTANCE"]) + 10)
+    # SLIPWAY_TEST_PG_INSTANCE: another cluster (its own port and directory), e.g. beside a suite already running
+    cluster = Cluster(int(os.environ.get("SLIPWAY_TEST_PG_INSTANCE") or int(os.environ["SLIPWAY_SANDBOX_INSTANCE"]) + 10))
     cluster.start()
     yield cluster
     cluster.stop()

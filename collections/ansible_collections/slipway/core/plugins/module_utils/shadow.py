@@ -1,0 +1,129 @@
+# -*- coding: utf-8 -*-
+# Copyright: slipway developers
+# MIT License
+"""The drift check on a live database: its migration history classified, a shadow database on the
+same server (same version, same extensions, the same ``pg_get_*def`` output) built by replaying the
+applied migrations, both schemas read from the catalogs (module_utils/catalog.py) and compared
+(module_utils/drift.py). The shadow is dropped again in every case.
+
+The check takes the migration advisory lock of the tracking table *without waiting*: while a
+deploy migrates, the answer is "could not check" (DriftBusy), never drift.
+"""
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import time
+import uuid
+import zlib
+
+from ansible_collections.slipway.core.plugins.module_utils import catalog, drift, drizzle
+from ansible_collections.slipway.core.plugins.module_utils import statements as stmts
+from ansible_collections.slipway.core.plugins.module_utils.migrate import LOCK_CLASS, MigrationError, read_rows
+
+SHADOW_PREFIX = "slipway_shadow_"
+CLUSTER_WIDE = ("CreateRoleStmt", "AlterRoleStmt", "DropRoleStmt", "AlterRoleSetStmt", "CreateTableSpaceStmt",
+                "DropTableSpaceStmt", "GrantRoleStmt")
+
+
+class DriftBusy(MigrationError):
+    """A migration holds the tracking table's advisory lock: the schema is changing right now."""
+
+
+class CannotCheck(MigrationError):
+    """The check could not run (no shadow database could be made, a migration failed to replay)."""
+
+
+def lock_key(schema, table):
+    """The engine's advisory lock key for a tracking table (migrate.Engine uses the same)."""
+    return zlib.crc32(("%s.%s" % (schema, table)).encode("utf-8")) & 0x7FFFFFFF
+
+
+def replay(conn, migrations):
+    """Run ``migrations`` (read_folder's, in journal order) into the database of ``conn`` (a fresh
+    one), one transaction per migration, the files' own BEGIN/COMMIT left out as the engine does.
+    Raises CannotCheck naming the migration and statement that failed."""
+    import psycopg
+
+    for mig in migrations:
+        at = 0
+        try:
+            with conn.transaction():
+                for chunk in mig["statements"]:
+                    at += 1
+                    parsed = stmts.split_chunk(chunk)
+                    if not parsed["parsed"]:
+                        conn.execute(chunk)
+                        continue
+                    for st in parsed["statements"]:
+                        # roles and tablespaces are the server's, not the database's: the live
+                        # database's migrations made them already
+                        if st["txn"] is None and type(st["node"]).__name__ not in CLUSTER_WIDE:
+                            conn.execute(st["text"])
+        except psycopg.Error as exc:
+            raise CannotCheck("replaying %s into the shadow database failed at statement %d: %s; the migrations "
+                              "do not build from an empty database (fix the migration, or check by hand)" % (
+                                  mig["tag"], at, str(exc).strip().splitlines()[0]))
+
+
+def check(conn, connect, folder, schema="drizzle", table="__drizzle_migrations", exclude=None):
+    """The drift check of the database ``conn`` (autocommit) is connected to.
+
+    ``connect(dbname)`` opens an autocommit connection to another database of the same server as
+    the same role (the shadow); ``folder``: read_folder's result. Returns ``{"findings",
+    "migrations" (classified), "counts", "shadow" ({where, seconds}), "seconds" ({read, compare,
+    shadow}), "exit"}``. Raises DriftBusy while a migration runs, CannotCheck when no shadow can be
+    built."""
+    key = lock_key(schema, table)
+    if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, key)).fetchone()[0]:
+        raise DriftBusy("a migration is running on this database (it holds slipway's migration lock): the schema is "
+                        "changing; check again when the deploy has finished")
+    try:
+        rows = read_rows(conn, schema, table)
+        classified = drizzle.classify(folder["migrations"], rows)
+        status = dict((m["tag"], m["status"]) for m in classified["migrations"])
+        replayed = [m for m in folder["migrations"] if status[m["tag"]] in ("applied", "tampered")]
+        started = time.monotonic()
+        expected = build_shadow(conn, connect, replayed, exclude=[schema] + list(exclude or ()))
+        shadow_seconds = time.monotonic() - started
+        started = time.monotonic()
+        actual = catalog.read(conn, exclude=[schema] + list(exclude or ()))
+        read_seconds = time.monotonic() - started
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, key))
+    started = time.monotonic()
+    findings = drift.compare(expected, actual, folder["migrations"], status) + drift.migration_findings(classified)
+    findings.sort(key=lambda f: drift.SEVERITY_ORDER[f["severity"]])
+    return {
+        "findings": findings,
+        "migrations": classified,
+        "counts": drizzle.counts(classified),
+        "shadow": {"where": "a database on the same server", "migrations_replayed": len(replayed)},
+        "seconds": {"shadow": round(shadow_seconds, 3), "read": round(read_seconds, 3),
+                    "compare": round(time.monotonic() - started, 3)},
+        "exit": drift.exit_code(findings),
+    }
+
+
+def build_shadow(conn, connect, migrations, exclude=catalog.DEFAULT_EXCLUDE):
+    """Create a shadow database on the server of ``conn``, replay ``migrations`` into it, read its
+    catalog and drop it. Raises CannotCheck when the role may not create a database."""
+    import psycopg
+    from psycopg import sql
+
+    name = SHADOW_PREFIX + uuid.uuid4().hex[:12]
+    try:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        raise CannotCheck("cannot create a shadow database on this server (%s); grant the role CREATEDB "
+                          "(ALTER ROLE ... CREATEDB) so the check can build the expected schema next to the live one"
+                          % str(exc).strip().splitlines()[0])
+    try:
+        shadow = connect(name)
+        try:
+            replay(shadow, migrations)
+            return catalog.read(shadow, exclude=exclude)
+        finally:
+            shadow.close()
+    finally:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
