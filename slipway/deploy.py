@@ -354,6 +354,7 @@ def build_report(host: str, hosts: list[str], run_id: str, release_id: str, sour
             "rolled_back_to": info.get("rolled_back_to"),
             "stopped": _truthy(info.get("stopped")),
             "took_over": info.get("took_over") or None,
+            "handover": info.get("handover") or None,
         }
         if cut is not None:
             report["hosts"][name]["interrupted"] = {
@@ -474,21 +475,26 @@ def _takeover_lines(name: str, info: dict, check: bool) -> list[str]:
                 f"copied in, its processes replaced by the release's; {old} left as it is)"]
     adopted = (info.get("release_state") or {}).get("adopted") or {}
     pm2 = info.get("pm2") or {}
-    hand = pm2.get("handover") or {}
+    hand = info.get("handover") or pm2.get("handover") or {}
+    release = (info.get("release_state") or {}).get("id") or pm2.get("release")
     taken = []
     if _truthy(adopted.get("env")):
         taken.append("its .env became shared/.env (0600)")
     if adopted.get("logs"):
         taken.append(f"{len(adopted['logs'])} old log file(s) copied to logs/ ({', '.join(adopted['logs'])})")
-    if pm2.get("action") == "replaced" and _truthy(pm2.get("healthy")):
+    ok = info["result"] == "ok"
+    if ok and pm2.get("action") == "replaced":
         taken.append(f"its PM2 processes replaced by the release's with no gap (served meanwhile by {hand.get('app')})")
-    elif pm2.get("action") == "restarted" and _truthy(pm2.get("healthy")):
+    elif ok and pm2.get("action") == "restarted":
         taken.append("its PM2 processes deleted and started again from the release (not all ran online in cluster "
                      "mode, so with a short gap)")
     elif hand and not _truthy(hand.get("old_deleted")):
         taken.append("its PM2 processes were NOT replaced: they serve as before")
-    elif _truthy(info.get("stopped")) or _truthy(hand.get("old_deleted")):
-        taken.append("its PM2 processes were deleted in the handover, and the release did not become healthy")
+    elif _truthy(hand.get("old_deleted")):
+        taken.append(f"its PM2 processes were deleted in the handover, so there is nothing to go back to: the rescue "
+                     f"left release {release} running ({pm2.get('online')}/{pm2.get('total')} instances online as "
+                     f"PM2 last showed them); fix the release and deploy again, or "
+                     f"start the old app by hand in {old} (pm2 delete the release's processes first)")
     else:
         taken.append("its PM2 processes were not touched: they serve as before")
     return [f"\n{name}: took over the app deployed by hand in {old}: " + ("; ".join(taken) or "nothing copied")

@@ -22,7 +22,8 @@ from ansible_collections.slipway.core.plugins.module_utils import layout
 
 from .errors import SlipwayError
 
-PHASE_OF = {"backup": "db_backup", "env": "app_release", "switched": "app_release", "migrations": "db_migrate", "pm2": "pm2_app"}
+PHASE_OF = {"backup": "db_backup", "env": "app_release", "adopted": "app_release", "switched": "app_release",
+            "migrations": "db_migrate", "pm2": "pm2_app"}
 
 
 def _files(app_dir: str, run_id: str) -> dict:
@@ -70,6 +71,7 @@ def summarize(run_id: str, release: str | None, events: list[dict], current: str
     applied = [tag for e in events if e.get("event") == "migrations" for tag in e.get("applied") or []]
     pm2 = [e for e in events if e.get("event") == "pm2"]
     env = [e for e in events if e.get("event") == "env"]
+    adopted = [e for e in events if e.get("event") == "adopted"]
     lost = next((e for e in events if e.get("event") == "lost"), None)
     first_previous = switches[0].get("previous") if switches else None
     final = switches[-1].get("release") if switches else None
@@ -90,7 +92,9 @@ def summarize(run_id: str, release: str | None, events: list[dict], current: str
         "backup": {k: backup.get(k) for k in ("id", "path", "size", "sha256", "toc_entries", "created")} if backup else None,
         "migrations_applied": applied,
         "rolled_back": rolled_back,
-        "pm2": {k: pm2[-1].get(k) for k in ("action", "release", "completed")} if pm2 else None,
+        "pm2": dict({k: pm2[-1].get(k) for k in ("action", "release", "completed", "app")},
+                    steps=[{k: e.get(k) for k in ("action", "app", "completed")} for e in pm2]) if pm2 else None,
+        "adopted": {k: adopted[-1].get(k) for k in ("path", "env", "logs")} if adopted else None,
         "env": ("restored" if env[-1].get("restored") else "written") if env else None,
         "current": current,
         "interrupted": {"how": how, "controller_lost_at": lost.get("at") if lost else None,
@@ -104,13 +108,23 @@ def describe(record: dict) -> list[str]:
     backup = record.get("backup") or {}
     if backup.get("id"):
         did.append(f"backup {backup['id']} taken")
+    adopted = record.get("adopted") or {}
+    if adopted.get("path"):
+        did.append(f"took over {adopted['path']}: " + ", ".join(
+            (["its .env copied to shared/.env"] if adopted.get("env") else []) +
+            [f"{len(adopted.get('logs') or [])} old log file(s) copied to logs/"]))
     if record.get("env"):
         did.append(f"the app's shared/.env {record['env']}")
     if record.get("switched_from"):
         did.append(f"current switched from {record['switched_from']} to {record.get('release')}")
     did.append("migrations committed: " + (", ".join(record.get("migrations_applied") or []) or "none"))
     pm2 = record.get("pm2") or {}
-    if pm2.get("action"):
+    steps = pm2.get("steps") or []
+    if len(steps) > 1:  # a handover: several PM2 commands, on two apps
+        did.append(f"PM2 on {pm2.get('release')}: " + "; ".join(
+            f"{st.get('action')} {st.get('app')}" + (" (cut short)" if st.get("completed") is False else "")
+            for st in steps))
+    elif pm2.get("action"):
         did.append(f"PM2 {pm2['action']} on {pm2.get('release')}" + (" (cut short)" if pm2.get("completed") is False else ""))
     else:
         did.append("PM2 not reloaded")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from ansible_collections.slipway.core.plugins.module_utils import pm2
 from ansible_collections.slipway.core.plugins.modules import app_release, pm2_app
 
 CURRENT = "/srv/app/current"
@@ -38,8 +39,17 @@ def test_reload_never_leaves_processes_started_elsewhere():
 
 
 def test_under_is_the_app_dir_or_inside_it():
-    assert pm2_app._under("/srv/app/current", "/srv/app") and pm2_app._under("/srv/app", "/srv/app/")
-    assert not pm2_app._under("/srv/app2/current", "/srv/app") and not pm2_app._under(None, "/srv/app")
+    assert pm2.under("/srv/app/current", "/srv/app") and pm2.under("/srv/app", "/srv/app/")
+    assert pm2.under("/srv/app/releases/r1/", "/srv//app/")
+    assert pm2.under(os.path.expanduser("~/app/current"), "~/app")
+    assert not pm2.under("/srv/app2/current", "/srv/app") and not pm2.under(None, "/srv/app")
+
+
+def test_outside_lists_the_directories_an_app_runs_from_outside_the_app_dir():
+    procs = [{"name": "web", "pm_cwd": "/srv/app/current"}, {"name": "web", "pm_cwd": "/var/www/site"},
+             {"name": "web", "pm_cwd": "/var/www/site"}, {"name": "other", "pm_cwd": "/elsewhere"}]
+    assert pm2.outside(procs, "web", "/srv/app/") == ["/var/www/site"]
+    assert pm2.outside(procs[:1], "web", "/srv/app") == []
 
 
 def test_env_keys_are_the_names_a_dotenv_file_sets():

@@ -134,6 +134,23 @@ def app_summary(procs, name):
     }
 
 
+def under(path, app_dir):
+    """Whether ``path`` (a process's working directory) is ``app_dir`` or inside it (``~`` and
+    trailing slashes as a shell would take them)."""
+    if not path or not app_dir:
+        return False
+    base = os.path.normpath(os.path.expanduser(app_dir))
+    path = os.path.normpath(path)
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def outside(procs, name, app_dir):
+    """The working directories app ``name``'s processes run from outside ``app_dir`` (an app
+    deployed by hand, which a first deploy takes over), sorted."""
+    return sorted(set(p.get("pm_cwd") for p in procs
+                      if p.get("name") == name and p.get("pm_cwd") and not under(p.get("pm_cwd"), app_dir)))
+
+
 def app_processes(procs, name):
     """The processes of app ``name`` that hold a PM2 id: during a reload PM2 parks each outgoing
     worker under an ``_old_<id>`` id until it has exited; those are left out."""

@@ -67,8 +67,10 @@ options:
       - A directory the app was deployed to by hand and runs from now (found by the deploy's
         preflight from PM2's processes), taken over by this first release. Its C(.env) becomes
         C(shared/.env) (0600) when that does not exist yet and I(env) is not given; the log files
-        in its C(logs/) that C(<app_dir>/logs/) lacks are copied there (refused before any change
-        when the filesystem has no room for them). The directory itself is only read.
+        in its C(logs/) that C(<app_dir>/logs/) lacks are copied there (a log keeps its own mode when
+        narrower than 0640). When the filesystem has no room for them the takeover fails before it
+        copies anything (the app dir's own directories may exist by then). The directory itself is
+        only read.
     type: path
 author:
   - slipway developers
@@ -142,6 +144,7 @@ releases:
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
 import time
@@ -314,7 +317,9 @@ def adoption(src, app_dir, env_path, take_env):
 
 
 def adopt(guard, src, app_dir, env_path, env, logs):
-    """Copy the hand-deployed app's environment and logs in (under the run's guard, journaled)."""
+    """Copy the hand-deployed app's environment and logs in: the logs copied first under temporary
+    names (no lock needed: nothing reads them), then everything put in place and journaled while the
+    run holds the deploy lock. A log keeps its own mode when that is narrower than 0640."""
     needed = sum(size for _, size in logs)
     dest = os.path.join(app_dir, layout.LOGS_DIR)
     st = os.statvfs(dest)
@@ -322,15 +327,27 @@ def adopt(guard, src, app_dir, env_path, env, logs):
         raise ValueError("the old logs in %s/%s take %d MiB and %s has %d MiB free; free space there or move the "
                          "old logs elsewhere first" % (src, layout.LOGS_DIR, needed // 1048576, dest,
                                                        st.f_bavail * st.f_frsize // 1048576))
-    with guard.hold():
-        if env is not None:
-            atomic_write(env_path, env, 0o600)
+    copied = []
+    try:
         for name, _ in logs:
+            old = os.path.join(src, layout.LOGS_DIR, name)
             tmp = os.path.join(dest, ".%s.adopt" % name)
-            shutil.copy2(os.path.join(src, layout.LOGS_DIR, name), tmp)
-            os.chmod(tmp, 0o640)
-            os.rename(tmp, os.path.join(dest, name))
-        guard.record("adopted", path=src, env=env is not None, logs=[name for name, _ in logs])
+            shutil.copy2(old, tmp)
+            os.chmod(tmp, stat.S_IMODE(os.stat(old).st_mode) & 0o640)
+            copied.append((tmp, os.path.join(dest, name)))
+        with guard.hold():
+            if env is not None:
+                atomic_write(env_path, env, 0o600)
+            for tmp, final in copied:
+                os.rename(tmp, final)
+            copied = []
+            guard.record("adopted", path=src, env=env is not None, logs=[name for name, _ in logs])
+    finally:
+        for tmp, _ in copied:  # not put in place (a failure, or the run stopped)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def write_env(path, text):

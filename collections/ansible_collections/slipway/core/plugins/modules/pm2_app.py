@@ -219,10 +219,10 @@ app_error:
   returned: always
   type: str
 handover:
-  description: With I(action=replaced), the second PM2 app that served during the handover (C(app)),
-    the working directories the old processes ran from (C(old_cwd)) and whether they were deleted
-    (C(old_deleted)).
-  returned: when action is replaced
+  description: With I(action=replaced) or C(restarted), the second PM2 app that served during the
+    handover (C(app); null for a restart), the working directories the old processes ran from
+    (C(old_cwd)) and whether they were deleted (C(old_deleted)).
+  returned: when action is replaced or restarted
   type: dict
 recovered:
   description: C(pm_id)s of the instances restarted by the recovery (down on another release than
@@ -259,6 +259,7 @@ from ansible_collections.slipway.core.plugins.module_utils.pm2 import (
     reload_lock_path,
     secure_pm2_home,
     summarize_jlist,
+    under,
 )
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
@@ -271,10 +272,10 @@ HANDOVER_CONFIG = "handover.config.cjs"
 HANDOVER_JS = """'use strict';
 // written by slipway's pm2_app for one handover (action=replaced), removed once PM2 started it
 const loaded = require(%s);
-const apps = loaded.apps || (Array.isArray(loaded) ? loaded : [loaded]);
-module.exports = {
-  apps: apps.filter((app) => app.name === %s).map((app) => Object.assign({}, app, { name: %s })),
-};
+const name = %s;
+const apps = [].concat(loaded.apps || loaded).filter((app) => app && app.name === name);
+if (apps.length === 0) throw new Error(`the ecosystem file defines no app named ${name}`);
+module.exports = { apps: apps.map((app) => Object.assign({}, app, { name: %s })) };
 """
 
 
@@ -466,11 +467,12 @@ class Pm2App(object):
             ", ".join("%s %s %s %d restarts" % (f["pm_id"], f["status"], f["release"] or "release?", f["restarts"])
                       for f in facts) or "none")
 
-    def gate(self, release, deadline, needed, stable_seconds):
+    def gate(self, release, deadline, needed, stable_seconds, attributed=False):
         """Wait until the app is healthy: every instance online with unchanged restart counts for
         ``stable_seconds``, ``needed`` consecutive 200s reporting ``release``, and every PM2 pid
         seen answering with it (the kernel spreads connections unevenly, so consecutive successes
-        alone could all come from one worker). Returns (processes, health); raises WrongRelease when
+        alone could all come from one worker; ``attributed``: only answers that name their pid count,
+        and one that names none fails the gate at once). Returns (processes, health); raises WrongRelease when
         a stable, online instance keeps answering with another release, InstanceErrored as soon as
         an instance is errored, GateFailed on timeout."""
         stable_since, signature, procs, summary = None, None, [], app_summary([], self.app_name)
@@ -494,6 +496,11 @@ class Pm2App(object):
                     stable_since, signature = now, sig
             status, seen_release, detail = self.probe(min(2.0, max(0.2, deadline - now)))
             pid = self.last_pid
+            if attributed and status == self.health_status and pid is None:
+                raise GateFailed("health gate: the app's health answer names no pid (the worker's process.pid), so "
+                                 "the new workers' answers cannot be told from those of the processes they replace; "
+                                 "add \"pid\" to the health answer, or stop those processes by hand (a gap) and deploy "
+                                 "again")
             if self.serves(status, seen_release, release, procs):
                 successes += 1
                 good.add(pid)
@@ -581,12 +588,6 @@ class Pm2App(object):
                 if line:
                     return os.path.basename(path), redact_text(one_line(line, 240))
         return "/".join(looked) or "logs", None
-
-
-def _under(path, app_dir):
-    """Whether ``path`` (a process's working directory) is ``app_dir`` or inside it."""
-    base = app_dir.rstrip("/")
-    return bool(path) and (path.rstrip("/") == base or path.startswith(base + "/"))
 
 
 def can_hand_over(procs):
@@ -784,7 +785,10 @@ class Rollout(object):
             if action == "started":
                 self.act(["start", app.ecosystem, "--cwd", app.current], [])
             elif action == "restarted":
+                self.result["handover"] = dict(app=None, old_cwd=sorted(set(x.get("pm_cwd") or "?" for x in procs)),
+                                               old_deleted=False)
                 self.act(["delete", app.app_name], procs)
+                self.result["handover"]["old_deleted"] = True
                 self.act(["start", app.ecosystem, "--cwd", app.current], [])
             elif action == "reloaded":
                 self.act(["reload", app.ecosystem, "--update-env"], procs)
@@ -805,16 +809,26 @@ class Rollout(object):
         except GateFailed as exc:
             return self.recover(exc)
 
+    def helper(self):
+        """The view of the handover's second PM2 app (``<app_name>~slipway-handover``)."""
+        helper = copy.copy(self.app)
+        helper.app_name = self.app.app_name + HANDOVER_SUFFIX
+        return helper
+
     def hand_over(self, procs):
         """action=replaced, with no gap: the release started beside the running processes as a
         second PM2 app (the ecosystem's app under another name, from the `current` link; cluster
         mode shares the listening socket), gated; then the old processes deleted (each finishes its
         requests first), the app started under its own name, gated; then the second app deleted.
-        When the new workers fail their gate, they are deleted and the old processes were never
-        touched. Returns (processes, health) of the app under its own name."""
+        When the new workers fail their gate (or the run is stopped meanwhile), they are deleted and
+        the old processes were never touched. When the app under its own name then fails its gate,
+        the second app is left serving the release (the next passed gate deletes it). Taking over
+        processes that run from elsewhere, the first gate counts only answers that name the worker's
+        pid (the old workers answer too, and may even be on the same release). Returns (processes,
+        health) of the app under its own name."""
         app, p = self.app, self.p
-        helper = copy.copy(app)
-        helper.app_name = app.app_name + HANDOVER_SUFFIX
+        helper = self.helper()
+        takeover = any(not under(x.get("pm_cwd"), app.app_dir) for x in procs)
         self.result["handover"] = dict(app=helper.app_name, old_cwd=sorted(set(x.get("pm_cwd") or "?" for x in procs)),
                                        old_deleted=False)
         if not os.path.isdir(layout.state_dir(app.app_dir)):
@@ -823,30 +837,61 @@ class Rollout(object):
         with open(config, "w") as handle:  # no secret in it: it loads the release's own ecosystem file
             handle.write(HANDOVER_JS % (json.dumps(app.ecosystem), json.dumps(app.app_name), json.dumps(helper.app_name)))
         try:
-            self._drop(helper)  # left by an interrupted handover
+            self.drop(helper)  # left by an interrupted handover
             self.act(["start", config, "--cwd", app.current], [], app=helper)
             # the old workers answer too (another release, or the same one from elsewhere): one
             # answer of the release from each new worker is what counts here
-            helper.gate(self.release, self.deadline, 1, p["stable_seconds"])
-        except GateFailed as exc:
-            error = helper.app_error(helper.jlist()) if helper.jlist() else (None, None)
-            self._drop(helper)
-            raise GateFailed("%s%s; the new workers were deleted, the old processes serve as before" % (
-                exc, "; app error (%s): %s" % error if error[1] else ""))
+            helper.gate(self.release, self.deadline, 1, p["stable_seconds"], attributed=takeover)
+        except BaseException as exc:  # a failed gate, or the run stopped: the old processes serve on
+            failed = isinstance(exc, GateFailed)
+            error = (None, None)
+            if failed:
+                try:
+                    error = helper.app_error(helper.jlist())
+                except (GateFailed, subprocess.TimeoutExpired):
+                    pass
+            self.drop(helper, stopping=not failed)
+            if failed:
+                raise GateFailed("%s%s; the new workers were deleted, the old processes serve as before" % (
+                    exc, "; app error (%s): %s" % error if error[1] else ""))
+            raise
         finally:
-            os.unlink(config)
+            try:
+                os.unlink(config)
+            except OSError:
+                pass
         self.act(["delete", app.app_name], procs)
         self.result["handover"]["old_deleted"] = True
         self.act(["start", app.ecosystem, "--cwd", app.current], [])
         gated = self.full_gate()
-        self._drop(helper)
+        self.drop(helper)
         return gated
 
-    def _drop(self, helper):
-        """Delete the handover's second app (its workers finish their requests first)."""
-        left = helper.jlist()
-        if left:
+    def drop(self, helper=None, stopping=False):
+        """Delete the handover's second app if PM2 runs it (its workers finish their requests
+        first). ``stopping``: the run is being stopped, so not through act (which needs the run
+        to go on); journaled all the same."""
+        helper = helper or self.helper()
+        try:
+            left = helper.jlist()
+        except (GateFailed, subprocess.TimeoutExpired):
+            return
+        if not left:
+            return
+        if not stopping:
             self.act(["delete", helper.app_name], left, app=helper)
+            return
+        with self.guard.deferred():
+            done = False
+            try:
+                proc = subprocess.run([helper.bin(), "delete", helper.app_name], cwd=helper.app_dir,
+                                      env=dict(os.environ, PM2_HOME=helper.pm2_home), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+                done = proc.returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            finally:
+                self.guard.record("pm2", action="delete", release=self.release, app=helper.app_name, completed=done)
 
     def recover(self, exc):
         """After ``exc`` (a rollback after a release that crashed at start): instances that are down
@@ -895,6 +940,14 @@ class Rollout(object):
         """The result of a passed gate; after a change, PM2's process list saved. Ends the module."""
         self.observe(gated)
         self.result.update(seconds=round(time.time() - self.started, 2), health=health, healthy=True)
+        if self.action != "replaced" and self.helper().jlist():
+            # a handover's second app that a failed or interrupted run left: the app serves healthy
+            # without it now
+            self.drop()
+            self.result["changed"] = True
+            self.result["reason"] += "; deleted the second app %s a handover had left" % self.helper().app_name
+            if self.p["save"]:
+                self.save()
         if self.action != "none" or self.result["recovered"]:
             self.result["changed"] = True
             if self.p["save"]:
@@ -912,7 +965,7 @@ class Rollout(object):
         before = self.observe(procs)
         # only what runs from the app dir: an app started by hand elsewhere (a takeover that failed
         # before its handover) serves on
-        ours = [str(x["pm_id"]) for x in procs if _under(x.get("pm_cwd"), app.app_dir)]
+        ours = [str(x["pm_id"]) for x in procs if under(x.get("pm_cwd"), app.app_dir)]
         kept = sorted(set(x.get("pm_cwd") or "?" for x in procs if str(x["pm_id"]) not in ours))
         self.result.update(action="deleted" if ours else "none", pids_before=before["pids"],
                            reason="state=absent" + ("; left running: processes from %s" % ", ".join(kept) if kept else ""),
@@ -924,6 +977,8 @@ class Rollout(object):
             self.guard.start()
         except runguard.LockLost as exc:
             self.fail("pm2_app delete %s: %s; PM2 was not touched" % (app.app_name, exc.args[0]))
+        self.deadline = time.time() + 120
+        self.drop()  # a handover's second app serves the same release
         done = False
         try:
             with self.guard.hold():

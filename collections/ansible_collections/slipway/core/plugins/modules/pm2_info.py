@@ -30,6 +30,10 @@ options:
     description: Run C(pm2 jlist) even when no daemon is running (which starts one).
     type: bool
     default: false
+  app_dir:
+    description: With I(app_name), C(outside) lists the working directories the app's processes run
+      from outside this directory (an app deployed by hand, which a first deploy takes over).
+    type: path
 author:
   - slipway developers
 notes:
@@ -54,6 +58,12 @@ processes:
   returned: always
   type: list
   elements: dict
+outside:
+  description: With I(app_name) and I(app_dir), the working directories of the app's processes that
+    are not I(app_dir) or inside it, sorted.
+  returned: when app_name and app_dir are set
+  type: list
+  elements: str
 app:
   description: Aggregate for I(app_name) (instances, online, pids, restarts, unstable_restarts, statuses, cwd).
   returned: when app_name is set
@@ -65,6 +75,7 @@ from ansible_collections.slipway.core.plugins.module_utils.pm2 import (
     app_summary,
     daemon_pid,
     default_home,
+    outside,
     summarize_jlist,
 )
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
@@ -77,6 +88,7 @@ def main():
             app_name=dict(type="str"),
             pm2_bin=dict(type="str", default="pm2"),
             start_daemon=dict(type="bool", default=False),
+            app_dir=dict(type="path"),
         ),
         supports_check_mode=True,
     )
@@ -86,6 +98,7 @@ def main():
     if daemon_pid(pm2_home) is None and not module.params["start_daemon"]:
         if module.params["app_name"]:
             result["app"] = app_summary([], module.params["app_name"])
+            result["outside"] = []
         module.exit_json(**result)
 
     pm2_bin = module.get_bin_path(module.params["pm2_bin"], required=True)
@@ -101,6 +114,8 @@ def main():
     result["processes"] = procs
     if module.params["app_name"]:
         result["app"] = app_summary(procs, module.params["app_name"])
+        if module.params["app_dir"]:
+            result["outside"] = outside(procs, module.params["app_name"], module.params["app_dir"])
     module.exit_json(**result)
 
 
