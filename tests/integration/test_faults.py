@@ -10,6 +10,7 @@ Then a table of bad inputs, each refused with one `error: <cause>; <fix>` line b
 changes."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -284,6 +285,26 @@ def test_postgres_stopped_immediately_mid_migration(host):
     _converges(host, {"before": before})
 
 
+def fill(directory) -> None:
+    """Fill ``directory``'s filesystem to its last 64 KiB while another process writes to it: a
+    filler file grown by what is free at each look (pg_dump may take some of it between the look
+    and the allocation: ENOSPC there means try again with what is left)."""
+    size = 0
+    with open(directory / "filler", "wb") as filler:
+        for _ in range(100):
+            st = os.statvfs(directory)
+            free = st.f_bavail * st.f_frsize
+            if free <= 64 * 1024:
+                return
+            try:
+                os.posix_fallocate(filler.fileno(), size, free - 32 * 1024)
+                size += free - 32 * 1024
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    raise AssertionError(f"could not fill {directory}: {os.statvfs(directory).f_bavail} blocks still free")
+
+
 def test_full_backup_filesystem_fails_the_backup_and_changes_nothing(host):
     """The backup directory's filesystem fills up while pg_dump writes: the backup fails with the
     cause, no partial dump is left, nothing after the backup runs (release, migration, reload), and
@@ -332,9 +353,7 @@ def test_full_backup_filesystem_fails_the_backup_and_changes_nothing(host):
             partial = list(backups.glob("*.partial"))
             time.sleep(0.01)
         assert partial, "pg_dump did not start writing"
-        free = os.statvfs(backups).f_bavail * os.statvfs(backups).f_frsize
-        with open(backups / "filler", "wb") as filler:
-            os.posix_fallocate(filler.fileno(), 0, max(free - 64 * 1024, 4096))
+        fill(backups)
         rc = deploy.finish(timeout=300)
         Outputs.texts.append(deploy.output)
         out = deploy.output
