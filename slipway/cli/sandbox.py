@@ -7,7 +7,7 @@ from .. import sandbox as sb
 from . import cli
 
 
-@task(help={"hosts": "number of hosts (sandbox, sandbox-2, ...), 1-19", "state": "incident (0007 missing), healthy, bare (nothing deployed: an empty database, no app), or legacy (the app deployed by hand in ~/www/reader.market, PM2 started there by hand, 0007 missing)"})
+@task(help={"hosts": "number of hosts (sandbox, sandbox-2, ...), 1-19", "state": "incident (0007 missing), healthy, bare (nothing deployed: an empty database, no app), legacy (the app deployed by hand in ~/www/reader.market, PM2 started there by hand, 0007 missing), or drifted (all applied, then changed by hand: a constraint and an index dropped, a column added)"})
 @cli
 def up(c, hosts=1, state="incident"):
     """Start real local target hosts (user, sshd, PostgreSQL 15, PM2 app) and write their inventory."""

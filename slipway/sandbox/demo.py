@@ -5,6 +5,7 @@ import json as jsonlib
 
 from .. import vault
 from ..deploy import deploy as run_deploy
+from ..drift import drift as run_drift
 from ..errors import SlipwayError
 from . import ops
 from .controller import Controller
@@ -54,6 +55,8 @@ def run() -> None:
     print(f"   statistics of book {INCIDENT_BOOK} (duplicate rows block the constraint):")
     rows_before = book_rows()
     show_rows(rows_before)
+    print("   invoke drift --host sandbox:")
+    drift_before = run_drift("sandbox")
 
     print("\n== 4. invoke deploy --host sandbox  (preflight, backup, release, migrations, reload, smoke)")
     code = run_deploy("sandbox")
@@ -67,8 +70,14 @@ def run() -> None:
     total_before = sum(int(t) for vt, _, t in rows_before if vt == "card_view")
     total_after = sum(int(t) for vt, _, t in rows_after if vt == "card_view")
     print(f"   card_view: {total_before} views before the deploy + 1 new = {total_after}; one row per view type")
+
+    print("\n== 6. invoke drift --host sandbox  (the live schema against the schema its applied migrations make)")
+    drift_after = run_drift("sandbox")
     print("\nThe sandbox stays up: `eval \"$(.venv/bin/invoke sandbox.env)\"` then curl it; "
           "`.venv/bin/invoke deploy --host sandbox` again changes nothing; `.venv/bin/invoke sandbox.down` removes it.")
     if before_status != 500 or after_status != 200 or total_after != total_before + 1:
         raise SlipwayError(f"expected 500 then 200 with {total_before + 1} views, got {before_status}, {after_status}, "
                            f"{total_after}; see the lines above")
+    if drift_before != 1 or drift_after != 0:
+        raise SlipwayError(f"expected invoke drift to warn of 0007 pending before the deploy (exit 1) and find nothing "
+                           f"after it (exit 0), got exit {drift_before} and {drift_after}; see the lines above")

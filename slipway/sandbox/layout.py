@@ -19,7 +19,7 @@ SSH_PORT = 2222
 PG_PORT = 15432
 APP_PORT = 3000
 MAX_HOSTS = 19
-STATES = ("incident", "healthy", "bare", "legacy")
+STATES = ("incident", "healthy", "bare", "legacy", "drifted")
 JOURNAL = READER_APP / "migrations" / "meta" / "_journal.json"
 PATH_ENV = "/usr/local/bin:/usr/bin:/bin"
 

@@ -436,11 +436,15 @@ def test_demo_shows_the_incident_then_deploys_the_fix():
     assert "there is no unique or exclusion constraint matching the ON CONFLICT specification" in before
     assert "drizzle.__drizzle_migrations: 7 rows; the journal has 8 migrations" in before
     assert "MISSING" in before
+    assert "sandbox: WARNING - 1 finding(s); migrations: 7 applied, 1 pending" in before
+    assert "WARNING: drift check of sandbox" in before
     for phase in ("preflight", "db_backup", "app_release", "db_migrate", "pm2_app", "smoke_test"):
         assert phase in after
     assert "OK: deployed" in after and 'HTTP 200 {"success": true}' in after
     views = [line for line in after.splitlines() if "views before the deploy + 1 new" in line]
     assert len(views) == 1
+    _, _, drift = after.partition("== 6. invoke drift --host sandbox")
+    assert "sandbox: OK - 0 finding(s); migrations: 8 applied, 0 pending" in drift and "OK: drift check of sandbox" in drift
     host = sb.find_host("sandbox")
     env = host_env("sandbox")
     assert track(env, sb.INCIDENT_BOOK) == (200, {"success": True})  # still fixed after the demo

@@ -66,14 +66,11 @@ def replay(conn, migrations):
                                   mig["tag"], at, str(exc).strip().splitlines()[0]))
 
 
-def check(conn, connect, folder, schema="drizzle", table="__drizzle_migrations", exclude=None):
-    """The drift check of the database ``conn`` (autocommit) is connected to.
-
-    ``connect(dbname)`` opens an autocommit connection to another database of the same server as
-    the same role (the shadow); ``folder``: read_folder's result. Returns ``{"findings",
-    "migrations" (classified), "counts", "shadow" ({where, seconds}), "seconds" ({read, compare,
-    shadow}), "exit"}``. Raises DriftBusy while a migration runs, CannotCheck when no shadow can be
-    built."""
+def read_live(conn, folder, schema="drizzle", table="__drizzle_migrations", exclude=None):
+    """The live side of a drift check, read under the migration advisory lock taken without
+    waiting (DriftBusy while a migration runs): ``{"classified", "status" ({tag: status}),
+    "replay" (the tags the expected schema is built from: applied or tampered, journal order),
+    "live" (catalog), "seconds"}``."""
     key = lock_key(schema, table)
     if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, key)).fetchone()[0]:
         raise DriftBusy("a migration is running on this database (it holds slipway's migration lock): the schema is "
@@ -81,28 +78,46 @@ def check(conn, connect, folder, schema="drizzle", table="__drizzle_migrations",
     try:
         rows = read_rows(conn, schema, table)
         classified = drizzle.classify(folder["migrations"], rows)
-        status = dict((m["tag"], m["status"]) for m in classified["migrations"])
-        replayed = [m for m in folder["migrations"] if status[m["tag"]] in ("applied", "tampered")]
         started = time.monotonic()
-        expected = build_shadow(conn, connect, replayed, exclude=[schema] + list(exclude or ()))
-        shadow_seconds = time.monotonic() - started
-        started = time.monotonic()
-        actual = catalog.read(conn, exclude=[schema] + list(exclude or ()))
-        read_seconds = time.monotonic() - started
+        live = catalog.read(conn, exclude=[schema] + list(exclude or ()))
+        seconds = time.monotonic() - started
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, key))
+    status = dict((m["tag"], m["status"]) for m in classified["migrations"])
+    return {"classified": classified, "status": status, "live": live, "seconds": round(seconds, 3),
+            "replay": [m["tag"] for m in folder["migrations"] if status[m["tag"]] in ("applied", "tampered")]}
+
+
+def result(expected, live_state, folder, shadow):
+    """The drift check's answer from both sides (``shadow``: where the expected schema was built
+    and how long it took): findings (most severe first), the classified history, counts, exit."""
     started = time.monotonic()
-    findings = drift.compare(expected, actual, folder["migrations"], status) + drift.migration_findings(classified)
+    findings = drift.compare(expected, live_state["live"], folder["migrations"], live_state["status"])
+    findings += drift.migration_findings(live_state["classified"])
     findings.sort(key=lambda f: drift.SEVERITY_ORDER[f["severity"]])
     return {
         "findings": findings,
-        "migrations": classified,
-        "counts": drizzle.counts(classified),
-        "shadow": {"where": "a database on the same server", "migrations_replayed": len(replayed)},
-        "seconds": {"shadow": round(shadow_seconds, 3), "read": round(read_seconds, 3),
+        "migrations": live_state["classified"],
+        "counts": drizzle.counts(live_state["classified"]),
+        "shadow": dict(shadow, migrations_replayed=len(live_state["replay"])),
+        "seconds": {"shadow": shadow.get("seconds"), "read": live_state["seconds"],
                     "compare": round(time.monotonic() - started, 3)},
         "exit": drift.exit_code(findings),
     }
+
+
+def check(conn, connect, folder, schema="drizzle", table="__drizzle_migrations", exclude=None):
+    """The drift check of the database ``conn`` (autocommit) is connected to, its shadow a database
+    on the same server. ``connect(dbname)`` opens an autocommit connection to another database of
+    that server as the same role; ``folder``: read_folder's result. Raises DriftBusy while a
+    migration runs, CannotCheck when no shadow can be built there."""
+    live_state = read_live(conn, folder, schema, table, exclude)
+    started = time.monotonic()
+    replay_set = set(live_state["replay"])
+    expected = build_shadow(conn, connect, [m for m in folder["migrations"] if m["tag"] in replay_set],
+                            exclude=[schema] + list(exclude or ()))
+    return result(expected, live_state, folder,
+                  {"where": "a database on the same server", "seconds": round(time.monotonic() - started, 3)})
 
 
 def build_shadow(conn, connect, migrations, exclude=catalog.DEFAULT_EXCLUDE):
@@ -119,7 +134,12 @@ def build_shadow(conn, connect, migrations, exclude=catalog.DEFAULT_EXCLUDE):
                           "(ALTER ROLE ... CREATEDB) so the check can build the expected schema next to the live one"
                           % str(exc).strip().splitlines()[0])
     try:
-        shadow = connect(name)
+        try:
+            shadow = connect(name)
+        except Exception as exc:  # noqa: BLE001 - psycopg's or the connection helper's own error, one line
+            raise CannotCheck("cannot connect to the shadow database %s on this server (%s): pg_hba.conf may allow the "
+                              "role only its own database; allow it every database (or the slipway_shadow_* ones)"
+                              % (name, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
         try:
             replay(shadow, migrations)
             return catalog.read(shadow, exclude=exclude)
