@@ -13,7 +13,8 @@ register()  # `invoke deploy --host sandbox` finds the sandbox's hosts while one
 
 ns = Collection()
 ns.add_collection(sandbox_tasks.ns)
-for topic in (hosts, deploy, db, schema, dev):
+ns.add_collection(schema.ns)
+for topic in (hosts, deploy, db, dev):
     for each in topic.TASKS:
         ns.add_task(each)
 ns.add_task(sandbox_tasks.demo)

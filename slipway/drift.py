@@ -14,6 +14,9 @@ Across several hosts the worst counts: critical, then could-not-check, then warn
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import sys
 import tempfile
 import time
@@ -83,18 +86,19 @@ def check(host: str) -> dict:
     runtimes = rt.runtimes(list(pythons.values()))
     result = run_playbook("drift.yml", host, rt.extravars(runtimes))
     data = result["data"].get("drift", {})
-    failures = {f["host"]: f["msg"] for f in result["failures"]}
+    failures = {f["host"]: " ".join(f["msg"]) if isinstance(f["msg"], list) else f["msg"] for f in result["failures"]}
     out = {}
     for name in hosts:
         read = data.get(name)
         if name in failures or not read:
             out[name] = {"exit": UNKNOWN, "error": str(failures.get(name) or "the host did not answer").splitlines()[0]}
         elif read.get("busy"):
-            out[name] = {"exit": UNKNOWN, "error": read.get("msg") or "a migration is running"}
+            out[name] = {"exit": UNKNOWN, "error": read.get("msg") or "a migration is running",
+                         "release": read.get("release")}
         else:
             try:
                 res = evaluate(read)
-                out[name] = {"exit": res["exit"], "result": res}
+                out[name] = {"exit": res["exit"], "result": res, "release": read.get("release")}
             except (SlipwayError, MigrationError) as exc:
                 out[name] = {"exit": UNKNOWN, "error": str(exc)}
     return out
@@ -126,14 +130,145 @@ def render(checked: dict) -> list[str]:
     return lines
 
 
-def drift(host: str, as_json: bool = False, out=sys.stdout) -> int:
+def host_key(name: str) -> str:
+    """A host's name with where it is (ansible_host:port): the webhook's state of one inventory's
+    `web1` is not another's."""
+    from .inventory import host_vars
+
+    try:
+        hv = host_vars(name)
+        return f"{name}@{hv.render('ansible_host') or name}:{hv.render('ansible_port') or 22}"
+    except (SlipwayError, KeyError, TypeError, ValueError):
+        return name
+
+
+def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: str | None = None,
+          out=sys.stdout) -> int:
+    """Check, print (or one JSON document), write ``metrics``, POST to ``notify`` what changed;
+    returns the exit code."""
+    from . import alerts
+
+    notify = notify or os.environ.get("SLIPWAY_DRIFT_NOTIFY") or None  # a scheduled check's (drift.schedule)
+    if notify and not notify.startswith(("http://", "https://")):
+        raise SlipwayError(f"--notify {notify!r} is not an http(s) URL; pass the webhook's URL")
+    if metrics and (Path(metrics).is_dir() or not Path(metrics).parent.is_dir()):
+        raise SlipwayError(f"--metrics {metrics}: not a file in an existing directory; pass e.g. "
+                           f"--metrics /var/lib/node_exporter/textfile_collector/slipway_drift.prom")
     checked = check(host)
     code = worst([info["exit"] for info in checked.values()])
+    if metrics:
+        alerts.write_metrics(metrics, checked)
+    sent = None
+    if notify:
+        sent = alerts.notify(notify, checked, {h: host_key(h) for h in checked},
+                             {h: info.get("release") for h, info in checked.items()})
     if as_json:
-        print(json.dumps({"exit": code, "state": STATE[code], "hosts": checked}, indent=2, sort_keys=True, default=str),
+        doc = {"exit": code, "state": STATE[code], "hosts": checked}
+        if sent is not None:
+            doc["notified"] = sent
+        print(json.dumps(doc, indent=2, sort_keys=True, default=str), file=out)
+        return code
+    for line in render(checked):
+        print(line, file=out)
+    if sent is not None:
+        print(f"notify: {'sent for ' + ', '.join(sent) if sent else 'no change since the last alert, nothing sent'}",
               file=out)
-    else:
-        for line in render(checked):
-            print(line, file=out)
-        print(f"\n{STATE[code]}: drift check of {', '.join(checked)}", file=out)
+    if metrics:
+        print(f"metrics: {metrics}", file=out)
+    print(f"\n{STATE[code]}: drift check of {', '.join(checked)}", file=out)
     return code
+
+
+# --------------------------------------------------------------------------------------------- schedule
+_EVERY = re.compile(r"^([1-9][0-9]*)([mh])$")
+LOG_ROTATE_BYTES = 1024 * 1024
+
+
+def cron_times(every: str) -> tuple[str, str]:
+    """(minute, hour) of a cron entry running every ``every`` (``15m``, ``1h``, ...)."""
+    m = _EVERY.match(every or "")
+    n = int(m.group(1)) if m else 0
+    if m and m.group(2) == "m" and n < 60 and 60 % n == 0:
+        return ("*" if n == 1 else f"*/{n}"), "*"
+    if m and m.group(2) == "h" and n <= 24 and 24 % n == 0:
+        return "0", ("*" if n == 1 else "0" if n == 24 else f"*/{n}")
+    raise SlipwayError(f"--every {every!r} is not a period cron can keep; use minutes that divide an hour (1m, 5m, "
+                       f"15m, 30m) or hours that divide a day (1h, 6h, 24h)")
+
+
+def _schedule_files(host: str) -> tuple[str, Path, Path, Path, Path]:
+    """(cron entry name, script, log, lock, directory) of ``host``'s scheduled check; a sandbox
+    instance other than 0 is part of the name (its hosts have the same names)."""
+    from .release import cache_dir
+
+    instance = os.environ.get("SLIPWAY_SANDBOX_INSTANCE", "0")
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", host) + (f"-sandbox{instance}" if instance not in ("", "0") else "")
+    where = cache_dir() / "drift"
+    where.mkdir(mode=0o700, exist_ok=True)
+    return (f"slipway drift {host}" + (f" (sandbox instance {instance})" if tag.endswith(f"-sandbox{instance}") else ""),
+            where / f"schedule-{tag}.sh", where / f"{tag}.log", where / f"{tag}.lock", where)
+
+
+def schedule_script(host: str, log: Path, lock: Path, notify: str | None, metrics: str | None) -> str:
+    """The job cron runs: the log rotated past 1 MiB, one run at a time (flock), the check."""
+    from .paths import ROOT
+
+    venv_bin = Path(sys.executable).parent
+    keep = {k: os.environ[k] for k in ("SLIPWAY_SANDBOX_INSTANCE", "SLIPWAY_SANDBOX_DIR", "SLIPWAY_CACHE",
+                                        "ANSIBLE_VAULT_PASSWORD_FILE") if os.environ.get(k)}
+    if notify:
+        keep["SLIPWAY_DRIFT_NOTIFY"] = notify  # in this 0700 file, never on a command line
+    args = ["drift", "--host", host] + (["--metrics", metrics] if metrics else [])
+    lines = ["#!/bin/sh",
+             "# written by `invoke drift.schedule` (slipway); removed by `invoke drift.unschedule`",
+             f"log={shlex.quote(str(log))}",
+             f'if [ -f "$log" ] && [ "$(stat -c %s "$log")" -gt {LOG_ROTATE_BYTES} ]; then mv -f "$log" "$log.1"; fi',
+             f"export PATH={shlex.quote(str(venv_bin))}:/usr/local/bin:/usr/bin:/bin",
+             *[f"export {k}={shlex.quote(v)}" for k, v in sorted(keep.items())],
+             f"cd {shlex.quote(str(ROOT))} || exit 3",
+             'echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) invoke ' + " ".join(shlex.quote(a) for a in args) + '" >> "$log"',
+             f"exec flock -n {shlex.quote(str(lock))} {shlex.quote(str(venv_bin / 'invoke'))} "
+             + " ".join(shlex.quote(a) for a in args) + ' >> "$log" 2>&1',
+             ""]
+    return "\n".join(lines)
+
+
+def schedule(host: str, every: str, notify: str | None = None, metrics: str | None = None, out=sys.stdout) -> int:
+    """Install the drift check of ``host`` in this user's crontab (ansible.builtin.cron)."""
+    from .files import write_private
+    from .inventory import resolve_target
+    from .runner import run_playbook
+
+    resolve_target(host)
+    minute, hour = cron_times(every)
+    if notify and not notify.startswith(("http://", "https://")):
+        raise SlipwayError(f"--notify {notify!r} is not an http(s) URL; pass the webhook's URL")
+    if metrics and (Path(metrics).is_dir() or not Path(metrics).parent.is_dir()):
+        raise SlipwayError(f"--metrics {metrics}: not a file in an existing directory; pass a file path")
+    name, script, log, lock, _ = _schedule_files(host)
+    write_private(script, schedule_script(host, log, lock, notify, metrics), 0o700)
+    result = run_playbook("drift_schedule.yml", "localhost", {
+        "drift_schedule_name": name, "drift_schedule_state": "present", "drift_schedule_script": str(script),
+        "drift_schedule_minute": minute, "drift_schedule_hour": hour}, local=True)
+    if result["rc"] != 0:
+        raise SlipwayError(f"cron entry not installed: {result['failures'][0]['msg'] if result['failures'] else 'ansible failed'}; "
+                           "check that crontab works for this user")
+    print(f"scheduled: invoke drift --host {host} at cron '{minute} {hour} * * *' (every {every}), one run at a time; "
+          f"log {log} (rotated past 1 MiB){'; alerts to the webhook on a change' if notify else ''}"
+          f"{'; metrics ' + metrics if metrics else ''}; remove with invoke drift.unschedule --host {host}", file=out)
+    return 0
+
+
+def unschedule(host: str, out=sys.stdout) -> int:
+    """Remove the scheduled drift check of ``host`` (its cron entry and script; the log stays)."""
+    from .runner import run_playbook
+
+    name, script, log, _, _ = _schedule_files(host)
+    result = run_playbook("drift_schedule.yml", "localhost", {
+        "drift_schedule_name": name, "drift_schedule_state": "absent", "drift_schedule_script": str(script)}, local=True)
+    if result["rc"] != 0:
+        raise SlipwayError("cron entry not removed: " + (result["failures"][0]["msg"] if result["failures"] else
+                                                         "ansible failed") + "; remove it with crontab -e")
+    script.unlink(missing_ok=True)
+    print(f"unscheduled: the drift check of {host} (its log {log} stays)", file=out)
+    return 0

@@ -49,7 +49,7 @@ def _children_running(name: str) -> list[int]:
 
 
 def run_playbook(playbook: str, target: str, extravars: dict | None = None, progress=None, *,
-                 check: bool = False, on_event=None, cancel=None) -> dict:
+                 check: bool = False, on_event=None, cancel=None, local: bool = False) -> dict:
     """Run ``playbooks/<playbook>`` against ``target`` (a host or group); returns a result dict with
     ``rc``, ``status``, ``stats`` (set_stats data), ``failures`` (host, task, msg) and per-host counts.
 
@@ -57,7 +57,8 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
     ``check``: run in check mode (``--check``); ``on_event``: a callable given every event;
     ``cancel``: a callable polled while it runs, True = stop it (the playbook's process group is
     killed). ``finished`` in the result: the playbook ran to its end (its stats arrived); False when
-    it was stopped or died."""
+    it was stopped or died. ``local``: a playbook for this machine only (``target`` must be
+    ``localhost``; the inventory is that host alone, with this Python)."""
     import ansible_runner
 
     path = PLAYBOOKS / playbook
@@ -114,7 +115,8 @@ def run_playbook(playbook: str, target: str, extravars: dict | None = None, prog
         result = ansible_runner.run(
             private_data_dir=str(private),
             binary=str(GUARD),
-            inventory=inventory.sources(),
+            inventory=(f"localhost ansible_connection=local ansible_python_interpreter={shlex.quote(sys.executable)}\n"
+                       if local else inventory.sources()),
             extravars={"slipway_target": target, **(extravars or {})},
             envvars=envvars,
             cmdline=f"{shlex.quote(str(path))} --limit {shlex.quote(target)}" + (" --check" if check else ""),

@@ -5,7 +5,7 @@ into one namespace by the checkout's tasks.py.
 - ``deploy``: `deploy`, `rollback`
 - ``db``: `backup`, `restore`, `migrate`
 - ``hosts``: `ping`, `smoke`
-- ``schema``: `drift`
+- ``schema``: `drift` (`drift.check`), `drift.schedule`, `drift.unschedule`
 - ``dev``: `lint`, `molecule`, `test`
 
 Every task turns a SlipwayError into one line ``error: <cause>; <fix>`` on stderr and its exit

@@ -1,23 +1,52 @@
-"""`invoke drift`: the live schema against the schema its applied migrations produce."""
+"""`invoke drift` (the default task of the collection `drift`), `drift.schedule`, `drift.unschedule`:
+the live schema against the schema its applied migrations produce, now or under cron."""
 from __future__ import annotations
 
-from invoke import Exit, task
+from invoke import Collection, Exit, task
 
 from ..errors import SlipwayError
+from . import cli
 
 
-@task(help={"host": "inventory host or group", "json": "print one JSON document"})
-def drift(c, host, json=False):
+@task(default=True, help={
+    "host": "inventory host or group", "json": "print one JSON document",
+    "notify": "POST one JSON document (Slack-compatible `text`) to this webhook URL when a host's state changes, "
+              "and on recovery (default: $SLIPWAY_DRIFT_NOTIFY)",
+    "metrics": "write a Prometheus textfile here (node_exporter's textfile collector), atomically"})
+def check(c, host, json=False, notify=None, metrics=None):
     """Schema drift: what the live schema lacks or has extra versus its applied migrations, the migration and cause of each finding, the fix (exit 0 none, 1 warning, 2 critical, 3 could not check)."""
     from slipway.drift import UNKNOWN
     from slipway.drift import drift as run_drift
 
     try:
-        code = run_drift(host, as_json=json)
+        code = run_drift(host, as_json=json, notify=notify, metrics=metrics)
     except SlipwayError as exc:  # could not check: the monitoring convention's UNKNOWN
         raise Exit(f"error: {exc}", code=UNKNOWN) from None
     if code:
         raise Exit(code=code)
 
 
-TASKS = (drift,)
+@task(help={"host": "inventory host or group", "every": "how often: minutes that divide an hour (15m) or hours that divide a day (6h)",
+            "notify": "webhook URL for alerts (kept in the job's 0700 script, never on a command line)",
+            "metrics": "Prometheus textfile to write on each run"})
+@cli
+def schedule(c, host, every="15m", notify=None, metrics=None):
+    """Run the drift check under cron on this machine (ansible.builtin.cron; one run at a time, a rotated log)."""
+    from slipway.drift import schedule as run_schedule
+
+    run_schedule(host, every, notify=notify, metrics=metrics)
+
+
+@task(help={"host": "inventory host or group the check was scheduled for"})
+@cli
+def unschedule(c, host):
+    """Remove the scheduled drift check (its cron entry and script; the log stays)."""
+    from slipway.drift import unschedule as run_unschedule
+
+    run_unschedule(host)
+
+
+ns = Collection("drift")
+ns.add_task(check)
+ns.add_task(schedule)
+ns.add_task(unschedule)

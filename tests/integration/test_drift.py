@@ -128,3 +128,113 @@ def test_a_role_that_may_create_databases_gets_its_shadow_on_the_server(host):
 def test_a_host_that_does_not_exist_is_one_line_and_could_not_check(host):
     proc = cli("drift", "--host", "nosuchhost", check=False, env=ENV)
     assert proc.returncode == 3 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ alerts, metrics, cron
+class Receiver:
+    """A webhook on loopback that keeps every JSON document POSTed to it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_the_webhook_gets_one_alert_per_change_then_the_recovery(host, receiver, tmp_path):
+    env = {**ENV, "SLIPWAY_CACHE": str(tmp_path / "cache")}
+    metrics = tmp_path / "slipway_drift.prom"
+    state("drifted")
+    proc = cli("drift", "--host", "sandbox", "--notify", receiver.url, "--metrics", str(metrics), check=False, env=env)
+    assert proc.returncode == 2 and "notify: sent for sandbox" in proc.stdout, proc.stdout + proc.stderr
+    assert len(receiver.received) == 1
+    alert = receiver.received[0]
+    assert alert["state"] == "CRITICAL" and alert["environment"] == "sandbox" and alert["text"].startswith(
+        "slipway drift: sandbox is CRITICAL: critical missing constraint")
+    assert len(alert["findings"]) == 3 and len(alert["fingerprints"]) == 3 and alert["release"]
+    text = metrics.read_text()
+    assert 'slipway_drift_findings{env="sandbox",severity="critical"} 1' in text
+    assert 'slipway_drift_findings{env="sandbox",severity="warning"} 2' in text
+    assert 'slipway_migrations{env="sandbox",state="applied"} 8' in text and 'slipway_drift_up{env="sandbox"} 1' in text
+    # the same drift again: no alert
+    proc = cli("drift", "--host", "sandbox", "--notify", receiver.url, check=False, env=env)
+    assert proc.returncode == 2 and "no change since the last alert, nothing sent" in proc.stdout
+    assert len(receiver.received) == 1
+    # fixed: the recovery
+    state("healthy")
+    proc = cli("drift", "--host", "sandbox", "--notify", receiver.url, "--metrics", str(metrics), check=False, env=env)
+    assert proc.returncode == 0 and len(receiver.received) == 2, proc.stdout
+    assert receiver.received[1]["recovered"] is True and receiver.received[1]["state"] == "OK"
+    assert len(receiver.received[1]["gone"]) == 3
+    assert 'slipway_drift_findings{env="sandbox",severity="critical"} 0' in metrics.read_text()
+    for secret in (host["DATABASE_URL"],):
+        assert secret not in json.dumps(receiver.received) and secret not in metrics.read_text()
+
+
+def test_the_schedule_really_runs_under_cron_and_alerts(host, receiver, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    cron = shutil.which("cron") or "/usr/sbin/cron"
+    started_cron = subprocess.run(["pgrep", "-x", "cron"], capture_output=True).returncode != 0
+    if started_cron:
+        subprocess.run([cron], check=True)  # Debian's cron, installed by ./bootstrap; no systemd here
+    env = {**ENV, "SLIPWAY_CACHE": str(tmp_path / "cache")}
+    state("drifted")
+    try:
+        cli("drift.schedule", "--host", "sandbox", "--every", "1m", "--notify", receiver.url, env=env)
+        crontab = subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout
+        assert "#Ansible: slipway drift sandbox (sandbox instance 2)" in crontab
+        assert receiver.url not in crontab  # the URL stays in the job's 0700 script
+        script = next((tmp_path / "cache" / "drift").glob("schedule-*.sh"))
+        assert oct(script.stat().st_mode & 0o777) == "0o700"
+        log = tmp_path / "cache" / "drift" / "sandbox-sandbox2.log"
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and not (receiver.received and log.exists()
+                                                   and "drift check of sandbox" in log.read_text()):
+            time.sleep(2)
+        assert receiver.received and receiver.received[0]["state"] == "CRITICAL", receiver.received
+        assert "CRITICAL: drift check of sandbox" in log.read_text()
+    finally:
+        cli("drift.unschedule", "--host", "sandbox", env=env)
+        if started_cron:
+            subprocess.run(["pkill", "-x", "cron"], check=False)
+    assert "slipway drift sandbox" not in subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout
+    assert not list((tmp_path / "cache" / "drift").glob("schedule-*.sh"))
+    assert os.path.exists(log)  # the log stays
+
+
+def test_bad_schedule_and_alert_inputs_are_one_line(host, tmp_path):
+    for args, words in ((("drift.schedule", "--host", "sandbox", "--every", "7m"), "--every '7m' is not a period cron can keep"),
+                        (("drift", "--host", "sandbox", "--notify", "ftp://x"), "is not an http(s) URL"),
+                        (("drift", "--host", "sandbox", "--metrics", str(tmp_path / "nodir" / "m.prom")), "not a file in an existing directory")):
+        proc = cli(*args, check=False, env=ENV)
+        assert proc.returncode != 0 and proc.stderr.startswith("error: ") and words in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

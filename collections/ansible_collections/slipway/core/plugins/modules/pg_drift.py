@@ -68,6 +68,10 @@ folder:
   description: The migrations folder read (on the host).
   returned: always
   type: str
+release:
+  description: The release C(current) points at.
+  returned: unless the folder could not be found
+  type: str
 live:
   description: The live schema, catalog objects keyed as module_utils/catalog.py keys them.
   returned: unless busy
@@ -174,6 +178,7 @@ def main():
     try:
         path = migrations_folder(p["app_dir"], p["migrations"])
         out["folder"] = path
+        out["release"] = os.path.basename(os.path.realpath(layout.current_link(p["app_dir"])))
         folder = read_folder(path)
         params = pg.connect_params(p)
         conn = engine.connect(None, connect_timeout=p["connect_timeout"], **params)  # autocommit

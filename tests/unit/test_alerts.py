@@ -1,0 +1,54 @@
+"""invoke drift's outside world, pure parts: the Prometheus textfile, when a webhook is due, and
+what it says. No hosts."""
+from __future__ import annotations
+
+from slipway import alerts
+
+
+def finding(name, severity="critical", fp="f1"):
+    return {"kind": "missing", "object": {"kind": "constraint", "name": name, "table": "public.t"}, "severity": severity,
+            "cause": "applied_missing", "fix": "ALTER TABLE ...", "fingerprint": fp,
+            "migration": {"tag": "0007_x", "statement": 3, "text": "ALTER ..."}}
+
+
+def checked(*findings, exit_code=2):
+    counts = {"applied": 8, "pending": 0, "skipped": 0, "tampered": 0, "unknown_rows": 0}
+    return {"exit": exit_code, "result": {"findings": list(findings), "counts": counts}}
+
+
+def test_metrics_text_counts_by_severity_and_state_and_keeps_the_last_success_of_an_unchecked_host():
+    text = alerts.metrics_text({"prod": checked(finding("c1"), finding("w1", "warning", "f2")),
+                                "stage": {"exit": 3, "error": "unreachable"}},
+                               now=1700000000.0, previous={"stage": "1690000000"})
+    assert 'slipway_drift_findings{env="prod",severity="critical"} 1' in text
+    assert 'slipway_drift_findings{env="prod",severity="warning"} 1' in text
+    assert 'slipway_drift_findings{env="prod",severity="info"} 0' in text
+    assert 'slipway_migrations{env="prod",state="applied"} 8' in text
+    assert 'slipway_drift_up{env="stage"} 0' in text and 'slipway_drift_up{env="prod"} 1' in text
+    assert 'slipway_drift_last_success_timestamp_seconds{env="prod"} 1700000000' in text
+    assert 'slipway_drift_last_success_timestamp_seconds{env="stage"} 1690000000' in text
+    assert "# TYPE slipway_drift_findings gauge" in text and text.endswith("\n")
+
+
+def test_labels_are_escaped():
+    assert alerts._label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+def test_a_webhook_is_due_on_a_change_and_on_recovery_not_on_every_run():
+    bad = checked(finding("c1"))
+    assert alerts.changed(bad, None)  # first check, something wrong
+    assert not alerts.changed(checked(exit_code=0), None)  # first check, healthy: no news
+    before = alerts._summary(bad)
+    assert not alerts.changed(bad, before)  # the same findings again
+    assert alerts.changed(checked(finding("c1"), finding("c2", fp="f9")), before)  # a new finding
+    assert alerts.changed(checked(exit_code=0), before)  # recovery
+
+
+def test_the_payload_says_what_changed_in_a_slack_text():
+    before = alerts._summary(checked(finding("c1")))
+    doc = alerts.payload("prod", "prod@10.0.0.1:22", checked(finding("c1"), finding("c2", fp="f9")), before, "r1")
+    assert doc["state"] == "CRITICAL" and doc["previous_state"] == "CRITICAL" and doc["new"] == ["f9"]
+    assert doc["text"].startswith("slipway drift: prod is CRITICAL: critical missing constraint c1")
+    assert doc["release"] == "r1" and doc["fixes"] == ["ALTER TABLE ..."]
+    recovered = alerts.payload("prod", "k", checked(exit_code=0), before, "r2")
+    assert recovered["recovered"] and recovered["gone"] == ["f1"] and "recovered" in recovered["text"]
