@@ -36,6 +36,14 @@ from .provision import (
 )
 
 
+def ensure_private_dirs(host: Host, user: pwd.struct_passwd) -> None:
+    """The user's ~/.ssh and backup dir (0700), for a host that has no app dir of slipway's making."""
+    for path in (host.home / ".ssh", host.backup_dir):
+        path.mkdir(parents=True, exist_ok=True)
+        os.chown(path, user.pw_uid, user.pw_gid)
+        os.chmod(path, 0o700)
+
+
 def up_bare(host: Host, user: pwd.struct_passwd, ctl: Controller, creds: dict) -> bool:
     """A host nothing was deployed to: the user, sshd, PostgreSQL with the app's role and an empty
     database, Node and PM2 on the PATH; no app directory, no PM2 daemon. True if changed."""
@@ -43,10 +51,7 @@ def up_bare(host: Host, user: pwd.struct_passwd, ctl: Controller, creds: dict) -
     if daemon_pid(str(host.pm2_home)) is not None:
         pm2(host, user, "kill", check=False, timeout=30)
         changed = True
-    for path, mode in ((host.home / ".ssh", 0o700), (host.backup_dir, 0o700)):
-        path.mkdir(parents=True, exist_ok=True)
-        os.chown(path, user.pw_uid, user.pw_gid)
-        os.chmod(path, mode)
+    ensure_private_dirs(host, user)
     ensure_sshd(host, user, ctl)
     ensure_postgres(host, user, creds["slipway_db_password"])
     for path in (host.app_dir, host.pm2_home):
@@ -61,10 +66,7 @@ def up_bare(host: Host, user: pwd.struct_passwd, ctl: Controller, creds: dict) -
 def up_legacy(host: Host, user: pwd.struct_passwd, ctl: Controller, build: Path, creds: dict) -> bool:
     """The seed's production, deployed by hand (provision.ensure_legacy), its database in the
     incident state (0007 missing). True if changed."""
-    for path, mode in ((host.home / ".ssh", 0o700), (host.backup_dir, 0o700)):
-        path.mkdir(parents=True, exist_ok=True)
-        os.chown(path, user.pw_uid, user.pw_gid)
-        os.chmod(path, mode)
+    ensure_private_dirs(host, user)
     ensure_sshd(host, user, ctl)
     ensure_postgres(host, user, creds["slipway_db_password"])
     files_changed = ensure_legacy_files(host, user, build, creds)

@@ -278,20 +278,17 @@ def _symlink(target: str, link: Path, owner: pwd.struct_passwd) -> bool:
     return True
 
 
+def app_env_text(host: Host, secrets_: dict) -> str:
+    """The reference app's .env on a sandbox host (its secrets from the vault)."""
+    return "\n".join(["NODE_ENV=production", f"HOST={host.address}", f"PORT={APP_PORT}",
+                      f"DATABASE_URL={host.database_url(secrets_['slipway_db_password'])}",
+                      f"API_TOKEN={secrets_['slipway_api_token']}", ""])
+
+
 def ensure_release(host: Host, user: pwd.struct_passwd, rid: str, build: Path, secrets_: dict) -> bool:
     """Install the built app as ``releases/<rid>`` and point ``current`` at it. True if changed."""
-    env_text = "\n".join(
-        [
-            "# written by slipway sandbox; secrets: mode 0600",
-            "NODE_ENV=production",
-            f"HOST={host.address}",
-            f"PORT={APP_PORT}",
-            f"DATABASE_URL={host.database_url(secrets_['slipway_db_password'])}",
-            f"API_TOKEN={secrets_['slipway_api_token']}",
-            "",
-        ]
-    )
-    changed = write_private(host.app_dir / "shared" / ".env", env_text, 0o600, owner=user)
+    env = "# written by slipway sandbox; secrets: mode 0600\n" + app_env_text(host, secrets_)
+    changed = write_private(host.app_dir / "shared" / ".env", env, 0o600, owner=user)
     release = host.app_dir / "releases" / rid
     if not (release / ".slipway-built").exists():
         tmp = release.with_name(f".{rid}.tmp")
@@ -336,15 +333,7 @@ def ensure_legacy_files(host: Host, user: pwd.struct_passwd, build: Path, secret
         (host.legacy_dir / "logs").mkdir(exist_ok=True)
         for name, text in LEGACY_LOG_LINES.items():
             (host.legacy_dir / "logs" / name).write_text(text)
-        env_text = "\n".join([
-            "NODE_ENV=production",
-            f"HOST={host.address}",
-            f"PORT={APP_PORT}",
-            f"DATABASE_URL={host.database_url(secrets_['slipway_db_password'])}",
-            f"API_TOKEN={secrets_['slipway_api_token']}",
-            "",
-        ])
-        write_private(host.legacy_dir / ".env", env_text, 0o600, owner=user)
+        write_private(host.legacy_dir / ".env", app_env_text(host, secrets_), 0o600, owner=user)
         chown_tree(host.legacy_dir.parent, user)
         log(host.name, f"app copied by hand into {host.legacy_dir}")
         changed = True

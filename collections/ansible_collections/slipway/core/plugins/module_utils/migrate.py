@@ -83,6 +83,16 @@ class LockBusy(MigrationError):
     """Another slipway migration holds the advisory lock of this tracking table."""
 
 
+def require_libraries(module):
+    """Fail the Ansible ``module`` (one line) when psycopg or pglast cannot be imported: slipway's
+    module runtime is not on its PYTHONPATH."""
+    from ansible.module_utils.basic import missing_required_lib
+
+    for ok, name, error in ((HAS_PSYCOPG, "psycopg", PSYCOPG_IMPORT_ERROR), (HAS_PGLAST, "pglast", PGLAST_IMPORT_ERROR)):
+        if not ok:
+            module.fail_json(msg=missing_required_lib(name), exception=str(error))
+
+
 def _ms(start):
     return round((time.monotonic() - start) * 1000.0, 1)
 

@@ -112,7 +112,7 @@ import json
 import os
 import time
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.slipway.core.plugins.module_utils import layout
 from ansible_collections.slipway.core.plugins.module_utils import migrate as engine
 from ansible_collections.slipway.core.plugins.module_utils import postgres as pg
@@ -165,10 +165,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if not engine.HAS_PSYCOPG:
-        module.fail_json(msg=missing_required_lib("psycopg"), exception=str(engine.PSYCOPG_IMPORT_ERROR))
-    if not engine.HAS_PGLAST:
-        module.fail_json(msg=missing_required_lib("pglast"), exception=str(engine.PGLAST_IMPORT_ERROR))
+    engine.require_libraries(module)
     from ansible_collections.slipway.core.plugins.module_utils import shadow
 
     p = module.params

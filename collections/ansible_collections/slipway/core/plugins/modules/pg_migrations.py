@@ -149,7 +149,7 @@ import os
 import shutil
 import tempfile
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.slipway.core.plugins.module_utils import migrate as engine
 from ansible_collections.slipway.core.plugins.module_utils import postgres as pg
 from ansible_collections.slipway.core.plugins.module_utils import runguard
@@ -194,10 +194,7 @@ def main():
         mutually_exclusive=[("migrations_path", "migrations_content")],
         supports_check_mode=True,
     )
-    if not engine.HAS_PSYCOPG:
-        module.fail_json(msg=missing_required_lib("psycopg"), exception=str(engine.PSYCOPG_IMPORT_ERROR))
-    if not engine.HAS_PGLAST:
-        module.fail_json(msg=missing_required_lib("pglast"), exception=str(engine.PGLAST_IMPORT_ERROR))
+    engine.require_libraries(module)
     p = module.params
     secrets = pg.secrets(p, p["dsn"])
 
