@@ -73,8 +73,9 @@ def evaluate(read: dict) -> dict:
         return shadow.result(expected, live_state, folder, where)
 
 
-def check(host: str) -> dict:
-    """``{host: {"exit", "result" | "error"}}`` for every host ``host`` names."""
+def check(host: str, fixes: dict | None = None) -> dict:
+    """``{host: {"exit", "result" | "error", "release", "fixed"}}`` for every host ``host`` names;
+    ``fixes`` ({host: remedy plan}): applied on each host first (pg_drift), then the check."""
     from . import runtime as rt
     from .inventory import resolve_target
     from .remote import close_all, probe_pythons
@@ -84,7 +85,7 @@ def check(host: str) -> dict:
     pythons, conns = probe_pythons(hosts)
     close_all(conns)
     runtimes = rt.runtimes(list(pythons.values()))
-    result = run_playbook("drift.yml", host, rt.extravars(runtimes))
+    result = run_playbook("drift.yml", host, {**rt.extravars(runtimes), "slipway_drift_fixes": fixes or {}})
     data = result["data"].get("drift", {})
     failures = {f["host"]: " ".join(f["msg"]) if isinstance(f["msg"], list) else f["msg"] for f in result["failures"]}
     out = {}
@@ -101,7 +102,26 @@ def check(host: str) -> dict:
                 out[name] = {"exit": res["exit"], "result": res, "release": read.get("release")}
             except (SlipwayError, MigrationError) as exc:
                 out[name] = {"exit": UNKNOWN, "error": str(exc)}
+        if read and read.get("fixed"):
+            out[name]["fixed"] = read["fixed"]
     return out
+
+
+def fix(host: str, checked: dict) -> dict:
+    """``invoke drift --fix``: what is safe of each host's findings (module_utils/remedy.py) fixed
+    online, then every host checked again; the result holds that check, each host's ``fixed``
+    (done or why not) and ``refused`` (left for a human, with why)."""
+    from ansible_collections.slipway.core.plugins.module_utils import remedy
+
+    plans = {name: remedy.plan(info["result"]["findings"]) for name, info in checked.items() if "result" in info}
+    fixes = {name: plan[0] for name, plan in plans.items() if plan[0]}
+    again = check(host, fixes) if fixes else checked
+    for name, (_, refused) in plans.items():
+        if name in again:
+            again[name].setdefault("fixed", [])
+            again[name]["refused"] = refused
+            again[name]["before"] = {"exit": checked[name]["exit"], "findings": len(checked[name]["result"]["findings"])}
+    return again
 
 
 def render(checked: dict) -> list[str]:
@@ -127,6 +147,17 @@ def render(checked: dict) -> list[str]:
             lines.append(f"           why: {f['why']}")
             if f.get("fix"):
                 lines.append(f"           fix: {f['fix']}")
+        if "before" in info:
+            before = info["before"]
+            lines.append(f"  --fix: {before['findings']} finding(s) before ({STATE[before['exit']]}); now {STATE[info['exit']]}")
+            for done in info.get("fixed") or []:
+                lines.append(f"  {'FIXED' if done['done'] else 'NOT FIXED'}: {done['what']}"
+                             + ("" if done["done"] else f": {done['why']}"))
+                lines += [f"           ran: {statement}" for statement in done.get("ran") or []]
+            refused = info.get("refused") or []
+            if refused:
+                lines.append(f"  left for a human: {len(refused)} finding(s), listed above with their fix (slipway does "
+                             f"not make these changes: {'; '.join(sorted(set(r['why'] for r in refused)))})")
     return lines
 
 
@@ -143,7 +174,7 @@ def host_key(name: str) -> str:
 
 
 def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: str | None = None,
-          out=sys.stdout) -> int:
+          out=sys.stdout, fix_safe: bool = False) -> int:
     """Check, print (or one JSON document), write ``metrics``, POST to ``notify`` what changed;
     returns the exit code."""
     from . import alerts
@@ -155,6 +186,8 @@ def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: 
         raise SlipwayError(f"--metrics {metrics}: not a file in an existing directory; pass e.g. "
                            f"--metrics /var/lib/node_exporter/textfile_collector/slipway_drift.prom")
     checked = check(host)
+    if fix_safe:
+        checked = fix(host, checked)
     code = worst([info["exit"] for info in checked.values()])
     if metrics:
         alerts.write_metrics(metrics, checked)

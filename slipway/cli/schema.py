@@ -12,14 +12,16 @@ from . import cli
     "host": "inventory host or group", "json": "print one JSON document",
     "notify": "POST one JSON document (Slack-compatible `text`) to this webhook URL when a host's state changes, "
               "and on recovery (default: $SLIPWAY_DRIFT_NOTIFY)",
-    "metrics": "write a Prometheus textfile here (node_exporter's textfile collector), atomically"})
-def check(c, host, json=False, notify=None, metrics=None):
+    "metrics": "write a Prometheus textfile here (node_exporter's textfile collector), atomically",
+    "fix": "rebuild online what is safe (a missing or INVALID index or UNIQUE constraint an applied migration makes, "
+           "after a duplicate count), then check again; never a drop or a type change"})
+def check(c, host, json=False, notify=None, metrics=None, fix=False):
     """Schema drift: what the live schema lacks or has extra versus its applied migrations, the migration and cause of each finding, the fix (exit 0 none, 1 warning, 2 critical, 3 could not check)."""
     from slipway.drift import UNKNOWN
     from slipway.drift import drift as run_drift
 
     try:
-        code = run_drift(host, as_json=json, notify=notify, metrics=metrics)
+        code = run_drift(host, as_json=json, notify=notify, metrics=metrics, fix_safe=fix)
     except SlipwayError as exc:  # could not check: the monitoring convention's UNKNOWN
         raise Exit(f"error: {exc}", code=UNKNOWN) from None
     if code:

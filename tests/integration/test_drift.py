@@ -238,3 +238,47 @@ def test_bad_schedule_and_alert_inputs_are_one_line(host, tmp_path):
         proc = cli(*args, check=False, env=ENV)
         assert proc.returncode != 0 and proc.stderr.startswith("error: ") and words in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ --fix
+def views(dsn) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("SELECT coalesce(sum(view_count), 0) FROM book_view_statistics").fetchone()[0]
+
+
+def test_fix_restores_what_is_safe_online_and_leaves_the_hand_made_column(host):
+    state("drifted")
+    before = views(host["DATABASE_URL"])
+    doc = json.loads(drift("--fix", "--json", expect=1).stdout)
+    info = doc["hosts"]["sandbox"]
+    assert info["before"] == {"exit": 2, "findings": 3}
+    done = {f["what"]: f for f in info["fixed"]}
+    assert set(done) == {f"constraint {UNIQUE} on public.book_view_statistics", "index books_title_idx on public.books"}
+    assert all(f["done"] for f in done.values()) and any("CONCURRENTLY" in s for f in done.values() for s in f["ran"])
+    # what is reported is the check after the fix: the hand-made column alone, left for a human
+    assert [(f["kind"], f["object"]["name"]) for f in info["result"]["findings"]] == [("extra", "public.books.hotfix_note")]
+    assert [r["why"] for r in info["refused"]] == ["slipway never drops: review it, then add it to a migration or drop it by hand"]
+    assert views(host["DATABASE_URL"]) == before
+    with psycopg.connect(host["DATABASE_URL"], autocommit=True) as conn:
+        assert conn.execute("SELECT contype FROM pg_constraint WHERE conname = %s", (UNIQUE,)).fetchone() == ("u",)
+    from slipway.sandbox import INCIDENT_BOOK, http_json
+
+    status, _ = http_json("POST", f"{host['APP_URL']}/api/books/{INCIDENT_BOOK}/track-view", {"viewType": "card_view"},
+                          token=host["API_TOKEN"], timeout=10)
+    assert status == 200
+
+
+def test_fix_does_not_build_a_unique_index_over_duplicates(host):
+    state("healthy")
+    with psycopg.connect(host["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE book_view_statistics DROP CONSTRAINT {UNIQUE}")
+        book = conn.execute("SELECT book_id FROM book_view_statistics LIMIT 1").fetchone()[0]
+        conn.execute("INSERT INTO book_view_statistics (book_id, view_type, view_count) "
+                     "SELECT book_id, view_type, 1 FROM book_view_statistics WHERE book_id = %s LIMIT 1", (book,))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(f"CREATE UNIQUE INDEX CONCURRENTLY {UNIQUE} ON book_view_statistics (book_id, view_type)")
+    proc = drift("--fix", expect=2)
+    assert f"NOT FIXED: constraint {UNIQUE} on public.book_view_statistics: 1 duplicate key group(s)" in proc.stdout
+    with psycopg.connect(host["DATABASE_URL"], autocommit=True) as conn:  # the useless INVALID leftover is gone
+        assert conn.execute("SELECT count(*) FROM pg_class WHERE relname = %s", (UNIQUE,)).fetchone()[0] == 0
+    state("healthy")

@@ -52,3 +52,33 @@ def test_the_payload_says_what_changed_in_a_slack_text():
     assert doc["release"] == "r1" and doc["fixes"] == ["ALTER TABLE ..."]
     recovered = alerts.payload("prod", "k", checked(exit_code=0), before, "r2")
     assert recovered["recovered"] and recovered["gone"] == ["f1"] and "recovered" in recovered["text"]
+
+
+def test_fix_plan_rebuilds_unique_constraints_and_indexes_online_and_refuses_the_rest():
+    from ansible_collections.slipway.core.plugins.module_utils import remedy
+
+    constraint = {"kind": "missing", "object": {"kind": "constraint", "name": "t_k_unique", "table": "public.t"},
+                  "expected": {"type": "unique", "columns": ["a", "b"], "definition": "UNIQUE (a, b)"},
+                  "cause": "applied_missing", "fingerprint": "c"}
+    invalid = {"kind": "invalid", "object": {"kind": "index", "name": "t_k_unique", "table": "public.t"},
+               "expected": None, "cause": "invalid", "fingerprint": "i"}
+    index = {"kind": "missing", "object": {"kind": "index", "name": "t_c_idx", "table": "public.t"},
+             "expected": {"unique": False, "columns": ["c"], "definition": "CREATE INDEX ON public.t USING btree (c)"},
+             "cause": "applied_missing", "fingerprint": "x"}
+    column = {"kind": "extra", "object": {"kind": "column", "name": "public.t.note", "table": "public.t"},
+              "expected": None, "cause": "hand_made", "fingerprint": "e"}
+    fk = {"kind": "missing", "object": {"kind": "constraint", "name": "t_fk", "table": "public.t"},
+          "expected": {"type": "foreign key", "columns": ["u"]}, "cause": "applied_missing", "fingerprint": "f"}
+    pending = {"kind": "migration", "object": {"kind": "migration", "name": "0008_x", "table": None},
+               "actual": "pending", "cause": "pending", "fingerprint": "p"}
+    fixes, refused = remedy.plan([constraint, invalid, index, column, fk, pending])
+    steps = {fix["fingerprint"]: fix["steps"] for fix in fixes}
+    assert steps["c"] == [
+        {"sql": 'DROP INDEX CONCURRENTLY IF EXISTS "public"."t_k_unique"', "concurrently": True},
+        {"check": {"table": "public.t", "columns": ["a", "b"]}},
+        {"sql": 'CREATE UNIQUE INDEX CONCURRENTLY "t_k_unique" ON "public"."t" ("a", "b")', "concurrently": True},
+        {"sql": 'ALTER TABLE "public"."t" ADD CONSTRAINT "t_k_unique" UNIQUE USING INDEX "t_k_unique"', "concurrently": False}]
+    assert steps["x"] == [{"sql": 'CREATE INDEX CONCURRENTLY "t_c_idx" ON public.t USING btree (c)', "concurrently": True}]
+    why = {r["fingerprint"]: r["why"] for r in refused}
+    assert set(why) == {"e", "f", "p"} and "never drops" in why["e"] and "NOT VALID" in why["f"]
+    assert "invoke deploy" in why["p"]

@@ -46,6 +46,15 @@ options:
     type: str
     choices: [auto, none]
     default: auto
+  fixes:
+    description:
+      - C(invoke drift --fix)'s plan (module_utils/remedy.py): indexes and UNIQUE/PRIMARY KEY constraints
+        rebuilt online, each unique one after a duplicate count. Run first, under the migration lock taken
+        without waiting (C(busy) when a migration holds it); then the schema is read as without it.
+      - Not in check mode (it reports C(fixed) empty there).
+    type: list
+    elements: dict
+    default: []
 author:
   - slipway developers
 notes:
@@ -60,8 +69,14 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+fixed:
+  description: Per fix of I(fixes) - C(fingerprint), C(what), C(done), C(why) (not done), C(ran) (the
+    statements that ran).
+  returned: always
+  type: list
+  elements: dict
 busy:
-  description: A migration held the lock; nothing was read.
+  description: A migration held the lock; nothing was read (or fixed).
   returned: always
   type: bool
 folder:
@@ -161,6 +176,7 @@ def main():
             tracking_schema=dict(type="str", default=engine.DEFAULT_SCHEMA),
             tracking_table=dict(type="str", default=engine.DEFAULT_TABLE),
             shadow=dict(type="str", default="auto", choices=["auto", "none"]),
+            fixes=dict(type="list", elements="dict", default=[]),
             **pg.postgres_argument_spec(),
         ),
         supports_check_mode=True,
@@ -171,7 +187,7 @@ def main():
     p = module.params
     secrets = pg.secrets(p)
     conn = None
-    out = dict(changed=False, busy=False, folder=None)
+    out = dict(changed=False, busy=False, folder=None, fixed=[])
     try:
         path = migrations_folder(p["app_dir"], p["migrations"])
         out["folder"] = path
@@ -179,6 +195,18 @@ def main():
         folder = read_folder(path)
         params = pg.connect_params(p)
         conn = engine.connect(None, connect_timeout=p["connect_timeout"], **params)  # autocommit
+        if p["fixes"] and not module.check_mode:
+            from ansible_collections.slipway.core.plugins.module_utils import remedy
+
+            key = shadow.lock_key(p["tracking_schema"], p["tracking_table"])
+            if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (engine.LOCK_CLASS, key)).fetchone()[0]:
+                module.exit_json(**dict(out, busy=True, msg="a migration is running on this database (it holds "
+                                        "slipway's migration lock): nothing fixed; fix again when the deploy has finished"))
+            try:
+                out["fixed"] = remedy.apply(conn, p["fixes"])
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", (engine.LOCK_CLASS, key))
+            out["changed"] = any(f["ran"] for f in out["fixed"])
         try:
             state = shadow.read_live(conn, folder, p["tracking_schema"], p["tracking_table"])
         except shadow.DriftBusy as exc:
