@@ -48,7 +48,7 @@ options:
     default: auto
   fixes:
     description:
-      - C(invoke drift --fix)'s plan (module_utils/remedy.py): indexes and UNIQUE/PRIMARY KEY constraints
+      - The plan of C(invoke drift --fix) (module_utils/remedy.py) - indexes and UNIQUE/PRIMARY KEY constraints
         rebuilt online, each unique one after a duplicate count. Run first, under the migration lock taken
         without waiting (C(busy) when a migration holds it); then the schema is read as without it.
       - Not in check mode (it reports C(fixed) empty there).
