@@ -50,16 +50,25 @@ def restore(c, host, backup, yes=False, json=False):
         "one_transaction": "drizzle's own behaviour: the whole set in one transaction, no concurrent index builds",
         "online_min_rows": "build indexes CONCURRENTLY on existing tables of at least this many rows (default 10000)",
         "online_lock_timeout": "lock_timeout of each online transaction; a lock not granted in time retries (default 20ms)",
+        "baseline": "adopt a database brought up without tracking rows: write drizzle's rows for the migrations whose "
+                    "schema the live one equals (checked against a shadow database; refused, with the differences, "
+                    "when it differs)",
+        "baseline_to": "with --baseline: the last migration the database has (when several fit)",
     }
 )
 @cli
 def migrate(c, migrations, dsn_env="DATABASE_URL", check=False, json=False, include_skipped=False,
             allow_tampered=False, allow_unknown=False, no_rehearse=False, schema="drizzle",
             table="__drizzle_migrations", lock_timeout="5s", lock_wait=10.0, one_transaction=False,
-            online_min_rows=10000, online_lock_timeout="20ms"):
+            online_min_rows=10000, online_lock_timeout="20ms", baseline=False, baseline_to=None):
     """Drizzle-compatible migrations against a database: plan, preflight, rehearse, apply (exit 0 ok, 1 error, 2 pending with --check)."""
     from slipway import migrations as mig
 
+    if baseline or baseline_to:
+        from slipway.baseline import baseline as run_baseline
+
+        run_baseline(dsn_env, migrations, to=baseline_to, as_json=json, schema=schema, table=table)
+        return
     try:
         wait = float(lock_wait)
     except ValueError:

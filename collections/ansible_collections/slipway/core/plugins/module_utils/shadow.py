@@ -147,3 +147,75 @@ def build_shadow(conn, connect, migrations, exclude=catalog.DEFAULT_EXCLUDE):
             shadow.close()
     finally:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+# -------------------------------------------------------------------------------------------- baseline
+def _hand_record(finding):
+    """A table that keeps a migration record by hand (the seed's runbook: `_drizzle_migrations(idx,
+    tag, timestamp)`), and what is on it: not the app's schema, left as it is by a baseline."""
+    obj = finding["object"]
+    name = obj["name"] if obj["kind"] == "table" else (obj.get("table") or "")
+    return finding["kind"] == "extra" and name.rsplit(".", 1)[-1].endswith("drizzle_migrations")
+
+
+def baseline_points(conn, admin, connect, folder, exclude=None):
+    """Replay ``folder``'s migrations one at a time into one shadow database (made through
+    ``admin``, a connection to the server that holds it, reached by ``connect(dbname)``: the live
+    server's, or the controller's own) and compare the live schema of ``conn`` with the shadow after
+    each: ``{N: findings}`` for N = 0..all migrations (no findings: the first N migrations make
+    exactly the live schema, a hand-kept migration record table aside)."""
+    import psycopg
+    from psycopg import sql
+
+    exclude = list(exclude or catalog.DEFAULT_EXCLUDE)
+    live = catalog.read(conn, exclude=exclude)
+    name = SHADOW_PREFIX + uuid.uuid4().hex[:12]
+    try:
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        raise CannotCheck("cannot create a shadow database on this server (%s); grant the role CREATEDB"
+                          % str(exc).strip().splitlines()[0])
+    points = {}
+    try:
+        try:
+            shadow = connect(name)
+        except Exception as exc:  # noqa: BLE001 - the connection helper's own one-line error
+            raise CannotCheck("cannot connect to the shadow database %s (%s)" % (name, str(exc).strip().splitlines()[0]))
+        try:
+            migs = folder["migrations"]
+            for n in range(0, len(migs) + 1):
+                if n:
+                    replay(shadow, [migs[n - 1]])
+                points[n] = [f for f in drift.compare(catalog.read(shadow, exclude=exclude), live, migs[:n])
+                             if not _hand_record(f)]
+        finally:
+            shadow.close()
+    finally:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    return points
+
+
+def write_baseline(conn, migrations, schema="drizzle", table="__drizzle_migrations"):
+    """drizzle's own tracking rows (sha256 of each file, created_at = its journal `when`) for
+    ``migrations``, in one transaction under the migration lock, into a tracking table that must be
+    empty (created as drizzle creates it when missing). Raises MigrationError otherwise."""
+    from psycopg import sql
+
+    key = lock_key(schema, table)
+    if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, key)).fetchone()[0]:
+        raise DriftBusy("a migration is running on this database; baseline when it has finished")
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            ident = sql.Identifier(schema, table)
+            conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (id SERIAL PRIMARY KEY, hash text NOT NULL, "
+                                 "created_at bigint)").format(ident))
+            have = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()[0]
+            if have:
+                raise MigrationError("%s.%s has %d rows already: a database drizzle or slipway migrated needs no "
+                                     "baseline; run invoke migrate" % (schema, table, have))
+            for mig in migrations:
+                conn.execute(sql.SQL("INSERT INTO {} (hash, created_at) VALUES (%s, %s)").format(ident),
+                             (mig["hash"], mig["when"]))
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, key))
