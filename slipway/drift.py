@@ -104,7 +104,49 @@ def check(host: str, fixes: dict | None = None) -> dict:
                 out[name] = {"exit": UNKNOWN, "error": str(exc)}
         if read and read.get("fixed"):
             out[name]["fixed"] = read["fixed"]
+        if read and read.get("folder"):
+            out[name]["folder"] = read["folder"]
     return out
+
+
+def migrate_pending(checked: dict) -> dict:
+    """Pending (and skipped) migrations through the engine, as a deploy runs them
+    (playbooks/drift_migrate.yml): each host's deploy lock held by this run, a verified backup
+    first, then the migrations of the release `current` points at. ``{host: {done, applied,
+    backup, why}}`` for the hosts whose check found some."""
+    from . import runtime as rt
+    from .deploy import new_run_id
+    from .remote import LockHeld, close_all, lock_hosts, probe_pythons
+    from .runner import run_playbook
+
+    wanted = {}
+    for name, info in checked.items():
+        states = {f["actual"] for f in (info.get("result") or {}).get("findings", []) if f["kind"] == "migration"}
+        if states & {"pending", "skipped"} and info.get("folder"):
+            wanted[name] = "skipped" in states
+    if not wanted:
+        return {}
+    names = sorted(wanted)
+    run_id = new_run_id()
+    pythons, conns = probe_pythons(names)
+    try:
+        runtimes = rt.runtimes(list(pythons.values()))
+    except BaseException:
+        close_all(conns)
+        raise
+    extravars = {**rt.extravars(runtimes), "slipway_deploy_run_id": run_id,
+                 "slipway_drift_folder": {n: checked[n]["folder"] for n in names},
+                 "slipway_drift_release": {n: checked[n].get("release") for n in names},
+                 "slipway_drift_include_skipped": wanted}
+    try:
+        with lock_hosts(names, run_id, "invoke drift --fix", conns=conns):
+            result = run_playbook("drift_migrate.yml", ",".join(names), extravars)
+    except LockHeld as exc:
+        return {n: {"done": False, "why": str(exc)} for n in names}
+    data = result["data"].get("drift_migrate", {})
+    failures = {f["host"]: f["msg"] for f in result["failures"]}
+    return {n: ({"done": True, **data[n]} if n in data and n not in failures else
+                {"done": False, "why": failures.get(n) or "not run (an earlier host failed)"}) for n in names}
 
 
 def fix(host: str, checked: dict) -> dict:
@@ -113,14 +155,20 @@ def fix(host: str, checked: dict) -> dict:
     (done or why not) and ``refused`` (left for a human, with why)."""
     from ansible_collections.slipway.core.plugins.module_utils import remedy
 
+    migrated = migrate_pending(checked)
     plans = {name: remedy.plan(info["result"]["findings"]) for name, info in checked.items() if "result" in info}
+    for name, done in migrated.items():  # migrations run (or not, and why): not left for a human
+        if done["done"]:
+            plans[name] = (plans[name][0], [r for r in plans[name][1] if not r["why"].startswith(("a pending", "a skipped"))])
     fixes = {name: plan[0] for name, plan in plans.items() if plan[0]}
-    again = check(host, fixes) if fixes else checked
+    again = check(host, fixes) if (fixes or migrated) else checked
     for name, (_, refused) in plans.items():
         if name in again:
             again[name].setdefault("fixed", [])
             again[name]["refused"] = refused
             again[name]["before"] = {"exit": checked[name]["exit"], "findings": len(checked[name]["result"]["findings"])}
+            if name in migrated:
+                again[name]["migrated"] = migrated[name]
     return again
 
 
@@ -150,6 +198,12 @@ def render(checked: dict) -> list[str]:
         if "before" in info:
             before = info["before"]
             lines.append(f"  --fix: {before['findings']} finding(s) before ({STATE[before['exit']]}); now {STATE[info['exit']]}")
+            migrated = info.get("migrated")
+            if migrated and migrated["done"]:
+                lines.append(f"  MIGRATED: {', '.join(migrated.get('applied') or []) or 'nothing left to apply'} "
+                             f"(deploy lock held, backup {migrated.get('backup')} first)")
+            elif migrated:
+                lines.append(f"  NOT MIGRATED: {migrated['why']}")
             for done in info.get("fixed") or []:
                 lines.append(f"  {'FIXED' if done['done'] else 'NOT FIXED'}: {done['what']}"
                              + ("" if done["done"] else f": {done['why']}"))

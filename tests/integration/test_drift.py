@@ -282,3 +282,25 @@ def test_fix_does_not_build_a_unique_index_over_duplicates(host):
     with psycopg.connect(host["DATABASE_URL"], autocommit=True) as conn:  # the useless INVALID leftover is gone
         assert conn.execute("SELECT count(*) FROM pg_class WHERE relname = %s", (UNIQUE,)).fetchone()[0] == 0
     state("healthy")
+
+
+def test_fix_applies_a_pending_migration_through_the_engine_with_a_backup_first(host):
+    state("incident")
+    before = views(host["DATABASE_URL"])
+    proc = drift("--fix", expect=0)
+    assert "MIGRATED: 0007_add_unique_constraint_book_view_statistics (deploy lock held, backup sandbox_booksdb_" in proc.stdout
+    assert "--fix: 1 finding(s) before (WARNING); now OK" in proc.stdout
+    assert views(host["DATABASE_URL"]) == before  # 0007 consolidates the duplicates, every view kept
+    from slipway.sandbox import INCIDENT_BOOK, Host, http_json
+
+    status, _ = http_json("POST", f"{host['APP_URL']}/api/books/{INCIDENT_BOOK}/track-view", {"viewType": "card_view"},
+                          token=host["API_TOKEN"], timeout=10)
+    assert status == 200
+    import os
+
+    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = INSTANCE
+    try:
+        backups = list(Host.make(1).backup_dir.glob("sandbox_booksdb_*.dump"))
+    finally:
+        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = "1"
+    assert backups and all(oct(b.stat().st_mode & 0o777) == "0o600" for b in backups)
