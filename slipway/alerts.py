@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import SlipwayError
 from .files import write_private
 
-STATES = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+STATES = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}  # invoke drift's exit codes (the monitoring convention)
 _LABEL = re.compile(r'[\\"\n]')
 
 
@@ -76,12 +76,19 @@ def metrics_text(checked: dict, now: float, previous: dict | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
+def check_options(notify: str | None, metrics: str | None) -> None:
+    """``--notify`` and ``--metrics`` checked before anything runs: one ``cause; fix`` line each."""
+    if notify and not re.match(r"^https?://", notify):
+        raise SlipwayError("--notify is not an http(s) URL; pass the webhook's URL")
+    if metrics and (Path(metrics).is_dir() or not Path(metrics).parent.is_dir()):
+        raise SlipwayError(f"--metrics {metrics}: not a file in an existing directory; pass e.g. "
+                           f"--metrics /var/lib/node_exporter/textfile_collector/slipway_drift.prom")
+
+
 def write_metrics(path: str, checked: dict) -> None:
     """The textfile, written whole (a temporary file renamed over it), mode 0644 for node_exporter."""
+    check_options(None, path)
     target = Path(path)
-    if target.is_dir() or not target.parent.is_dir():
-        raise SlipwayError(f"--metrics {path}: not a file in an existing directory; pass e.g. "
-                           f"--metrics /var/lib/node_exporter/textfile_collector/slipway_drift.prom")
     text = metrics_text(checked, time.time(), _previous_success(target))
     try:
         write_private(target, text, 0o644)
@@ -158,8 +165,7 @@ def notify(url: str, checked: dict, keys: dict, releases: dict, err=sys.stderr) 
     """POST one document per host whose state changed since the last notified one; returns the
     hosts notified. ``keys``: {host: a key naming it across inventories}; ``releases``: {host: the
     release current points at}."""
-    if not re.match(r"^https?://", url):
-        raise SlipwayError(f"--notify {url!r} is not an http(s) URL; pass the webhook's URL")
+    check_options(url, None)
     path = _state_file()
     try:
         state = json.loads(path.read_text())

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 from ansible_collections.slipway.core.plugins.module_utils import shadow
-from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import read_folder
 
+from .alerts import STATES as STATE  # the exit codes' names, one table
 from .errors import SlipwayError
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
-STATE = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 
 
 def worst(codes: list[int]) -> int:
@@ -67,7 +67,9 @@ def evaluate(read: dict) -> dict:
             started = time.monotonic()
             with shadowdb.cluster(major) as connect:
                 with connect("postgres") as conn:
-                    expected = shadow.build_shadow(conn, connect, [m for m in folder["migrations"] if m["tag"] in replay])
+                    expected = shadow.build_shadow(conn, connect, [m for m in folder["migrations"] if m["tag"] in replay],
+                                                   exclude=[read.get("tracking_schema") or "drizzle"],
+                                                   prepare=read.get("prepare"))
             where = {"where": f"an ephemeral PostgreSQL {major} on the controller", "seconds": round(time.monotonic() - started, 3),
                      "why": where.get("error") or "shadow: none"}
         return shadow.result(expected, live_state, folder, where)
@@ -82,12 +84,22 @@ def check(host: str, fixes: dict | None = None) -> dict:
     from .runner import run_playbook
 
     hosts = resolve_target(host)
-    pythons, conns = probe_pythons(hosts)
-    close_all(conns)
-    runtimes = rt.runtimes(list(pythons.values()))
-    result = run_playbook("drift.yml", host, {**rt.extravars(runtimes), "slipway_drift_fixes": fixes or {}})
-    data = result["data"].get("drift", {})
-    failures = {f["host"]: " ".join(f["msg"]) if isinstance(f["msg"], list) else f["msg"] for f in result["failures"]}
+    pythons, failures = {}, {}
+    for name in hosts:  # one unreachable host is that host's UNKNOWN, not the whole check's
+        try:
+            found, conns = probe_pythons([name])
+            close_all(conns)
+            pythons.update(found)
+        except Exception as exc:  # noqa: BLE001 - SSH's, the probe's: one line for that host
+            failures[name] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    data = {}
+    if pythons:
+        runtimes = rt.runtimes(list(pythons.values()))
+        result = run_playbook("drift.yml", ",".join(sorted(pythons)),
+                              {**rt.extravars(runtimes), "slipway_drift_fixes": fixes or {}})
+        data = result["data"].get("drift", {})
+        failures.update({f["host"]: " ".join(f["msg"]) if isinstance(f["msg"], list) else f["msg"]
+                         for f in result["failures"]})
     out = {}
     for name in hosts:
         read = data.get(name)
@@ -100,8 +112,9 @@ def check(host: str, fixes: dict | None = None) -> dict:
             try:
                 res = evaluate(read)
                 out[name] = {"exit": res["exit"], "result": res, "release": read.get("release")}
-            except (SlipwayError, MigrationError) as exc:
-                out[name] = {"exit": UNKNOWN, "error": str(exc)}
+            except Exception as exc:  # noqa: BLE001 - the ephemeral PostgreSQL's, psycopg's: could not check
+                said = str(exc).strip().splitlines()
+                out[name] = {"exit": UNKNOWN, "error": said[0] if said else type(exc).__name__}
         if read and read.get("fixed"):
             out[name]["fixed"] = read["fixed"]
         if read and read.get("folder"):
@@ -234,11 +247,7 @@ def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: 
     from . import alerts
 
     notify = notify or os.environ.get("SLIPWAY_DRIFT_NOTIFY") or None  # a scheduled check's (drift.schedule)
-    if notify and not notify.startswith(("http://", "https://")):
-        raise SlipwayError(f"--notify {notify!r} is not an http(s) URL; pass the webhook's URL")
-    if metrics and (Path(metrics).is_dir() or not Path(metrics).parent.is_dir()):
-        raise SlipwayError(f"--metrics {metrics}: not a file in an existing directory; pass e.g. "
-                           f"--metrics /var/lib/node_exporter/textfile_collector/slipway_drift.prom")
+    alerts.check_options(notify, metrics)
     checked = check(host)
     if fix_safe:
         checked = fix(host, checked)
@@ -302,7 +311,8 @@ def schedule_script(host: str, log: Path, lock: Path, notify: str | None, metric
 
     venv_bin = Path(sys.executable).parent
     keep = {k: os.environ[k] for k in ("SLIPWAY_SANDBOX_INSTANCE", "SLIPWAY_SANDBOX_DIR", "SLIPWAY_CACHE",
-                                        "ANSIBLE_VAULT_PASSWORD_FILE") if os.environ.get(k)}
+                                        "XDG_CACHE_HOME", "ANSIBLE_VAULT_PASSWORD_FILE", "SSH_AUTH_SOCK")
+            if os.environ.get(k)}
     if notify:
         keep["SLIPWAY_DRIFT_NOTIFY"] = notify  # in this 0700 file, never on a command line
     args = ["drift", "--host", host] + (["--metrics", metrics] if metrics else [])
@@ -314,24 +324,27 @@ def schedule_script(host: str, log: Path, lock: Path, notify: str | None, metric
              *[f"export {k}={shlex.quote(v)}" for k, v in sorted(keep.items())],
              f"cd {shlex.quote(str(ROOT))} || exit 3",
              'echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) invoke ' + " ".join(shlex.quote(a) for a in args) + '" >> "$log"',
-             f"exec flock -n {shlex.quote(str(lock))} {shlex.quote(str(venv_bin / 'invoke'))} "
+             # one run at a time (a run still going: said in the log, exit 3), none past 10 minutes
+             f"flock -n -E 75 {shlex.quote(str(lock))} timeout 600 {shlex.quote(str(venv_bin / 'invoke'))} "
              + " ".join(shlex.quote(a) for a in args) + ' >> "$log" 2>&1',
+             "rc=$?",
+             'if [ "$rc" -eq 75 ]; then echo "the previous check still runs: this one skipped" >> "$log"; exit 3; fi',
+             'if [ "$rc" -eq 124 ]; then echo "the check did not finish in 10 minutes: stopped" >> "$log"; exit 3; fi',
+             'exit "$rc"',
              ""]
     return "\n".join(lines)
 
 
 def schedule(host: str, every: str, notify: str | None = None, metrics: str | None = None, out=sys.stdout) -> int:
     """Install the drift check of ``host`` in this user's crontab (ansible.builtin.cron)."""
+    from .alerts import check_options
     from .files import write_private
     from .inventory import resolve_target
     from .runner import run_playbook
 
     resolve_target(host)
     minute, hour = cron_times(every)
-    if notify and not notify.startswith(("http://", "https://")):
-        raise SlipwayError(f"--notify {notify!r} is not an http(s) URL; pass the webhook's URL")
-    if metrics and (Path(metrics).is_dir() or not Path(metrics).parent.is_dir()):
-        raise SlipwayError(f"--metrics {metrics}: not a file in an existing directory; pass a file path")
+    check_options(notify, metrics)
     name, script, log, lock, _ = _schedule_files(host)
     write_private(script, schedule_script(host, log, lock, notify, metrics), 0o700)
     result = run_playbook("drift_schedule.yml", "localhost", {

@@ -12,8 +12,10 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import SlipwayError
@@ -62,21 +64,27 @@ def cluster(major: int):
         as_owner = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
     data = root / "data"
 
+    # the server gets none of this process's environment (a webhook URL, a vault password file path)
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
     def run(*argv):
         proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False, cwd=root,
-                              stdin=subprocess.DEVNULL, **as_owner)
+                              stdin=subprocess.DEVNULL, env=env, **as_owner)
         if proc.returncode != 0:
             said = (proc.stderr or proc.stdout).strip().splitlines()
             raise SlipwayError(f"the shadow PostgreSQL did not start ({Path(str(argv[0])).name}: "
                                f"{said[-1] if said else 'no output'}); check {bins} on this controller")
 
-    started = False
+    def stop_here(signum, _frame):  # SIGTERM/SIGHUP end the block: the server is stopped, the directory removed
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop_here) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if threading.current_thread() is threading.main_thread()}
     try:
         run(bins / "initdb", "-D", data, "-U", USER, "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
         run(bins / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-t", "60", "-o",
             f"-c listen_addresses='' -c unix_socket_directories='{root}' -c fsync=off -c full_page_writes=off "
             f"-c synchronous_commit=off", "start")
-        started = True
 
         def connect(dbname: str):
             return psycopg.connect(host=str(root), user=USER, dbname=dbname, autocommit=True,
@@ -84,7 +92,9 @@ def cluster(major: int):
 
         yield connect
     finally:
-        if started:
+        if (data / "postmaster.pid").exists():  # started, even when pg_ctl's wait timed out
             subprocess.run([str(bins / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, check=False, cwd=root, stdin=subprocess.DEVNULL, **as_owner)
+                           capture_output=True, check=False, cwd=root, stdin=subprocess.DEVNULL, env=env, **as_owner)
         shutil.rmtree(root, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -24,6 +24,10 @@ def check(c, host, json=False, notify=None, metrics=None, fix=False):
         code = run_drift(host, as_json=json, notify=notify, metrics=metrics, fix_safe=fix)
     except SlipwayError as exc:  # could not check: the monitoring convention's UNKNOWN
         raise Exit(f"error: {exc}", code=UNKNOWN) from None
+    except Exception as exc:  # noqa: BLE001 - anything else is could-not-check too (exit 1 would read as WARNING)
+        said = str(exc).strip().splitlines()
+        raise Exit(f"error: the drift check failed: {type(exc).__name__}: {said[0] if said else ''}; "
+                   "run it again, and report it if it stays", code=UNKNOWN) from None
     if code:
         raise Exit(code=code)
 

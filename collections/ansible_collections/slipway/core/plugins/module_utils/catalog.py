@@ -14,7 +14,10 @@ out: PostgreSQL's own schemas, the drizzle tracking schema (and any named in ``e
 that belong to an extension, column order, owners, grants, comments and sequence values.
 
 Every object: ``{"key", "kind", "name", "table" (or None), "def": {...}}``; ``read`` returns
-``{key: object}``. Nothing here writes.
+``{key: object}``. Two objects of one definition (a duplicate index, an INVALID ``_ccnew`` left by
+an interrupted ``REINDEX CONCURRENTLY``): the valid one (else the first by name) holds the key, the
+other ``<key>#<name>`` with ``duplicate_of``. Constraints and triggers that partitions inherit are
+their parent's. Nothing here writes.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -67,6 +70,7 @@ SELECT n.nspname || '.' || c.relname, con.conname, con.contype::text, pg_get_con
 FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_index ix ON ix.indexrelid = con.conindid AND con.contype IN ('p', 'u', 'x')
 WHERE n.oid IN (SCHEMAS) AND con.contype IN ('p', 'u', 'f', 'c', 'x') AND NOT c.relispartition
+  AND con.conparentid = 0
 ORDER BY 1, 2""",
     "index": """
 SELECT n.nspname || '.' || t.relname, i.relname,
@@ -101,7 +105,7 @@ WHERE n.oid IN (SCHEMAS) AND p.prokind IN ('f', 'p')
 SELECT n.nspname || '.' || c.relname, t.tgname,
        replace(pg_get_triggerdef(t.oid), 'TRIGGER ' || quote_ident(t.tgname) || ' ', 'TRIGGER '), t.tgenabled::text
 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE NOT t.tgisinternal AND n.oid IN (SCHEMAS) ORDER BY 1, 2""",
+WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND n.oid IN (SCHEMAS) ORDER BY 1, 2""",
 }
 
 CONTYPES = {"p": "primary key", "u": "unique", "f": "foreign key", "c": "check", "x": "exclusion"}
@@ -113,15 +117,26 @@ def _obj(kind, name, table=None, key=None, **definition):
 
 def read(conn, exclude=DEFAULT_EXCLUDE):
     """``{key: object}`` of the database ``conn`` is connected to (a psycopg connection; read-only
-    queries in one REPEATABLE READ snapshot when the connection is not already in a transaction)."""
+    queries; the session settings it pins are reset afterwards on an autocommit connection)."""
     exclude = list(exclude or ())
     objects = {}
 
     def add(obj):
-        objects[obj["key"]] = obj
+        key = obj["key"]
+        if key in objects:  # another object of the same definition (a duplicate index, a REINDEX leftover)
+            have = objects[key]
+            if not have["def"].get("valid", True) and obj["def"].get("valid", True):
+                have, obj = obj, have  # the valid one keeps the key
+                objects[key] = have
+            obj = dict(obj, key="%s#%s" % (key, obj["name"]), duplicate_of=have["name"])
+            key = obj["key"]
+        objects[key] = obj
 
     with conn.cursor() as cur:
-        cur.execute("SET LOCAL search_path = pg_catalog" if not conn.autocommit else "SET search_path = pg_catalog")
+        # definitions print constants in the session's TimeZone and DateStyle: pinned, like search_path
+        for name, value in (("search_path", "pg_catalog"), ("TimeZone", "UTC"), ("DateStyle", "ISO, MDY"),
+                            ("IntervalStyle", "postgres"), ("extra_float_digits", "1")):
+            cur.execute("SELECT set_config(%s, %s, %s)", (name, value, not conn.autocommit))
 
         def rows(kind):
             cur.execute(_QUERIES[kind].replace("SCHEMAS", _SCHEMAS), {"exclude": exclude})
@@ -153,5 +168,6 @@ def read(conn, exclude=DEFAULT_EXCLUDE):
             add(_obj("trigger", name, table=table, key="trigger:%s:%s" % (table, trigdef), definition=trigdef,
                      enabled=enabled != "D"))
         if conn.autocommit:
-            cur.execute("RESET search_path")
+            for name in ("search_path", "TimeZone", "DateStyle", "IntervalStyle", "extra_float_digits"):
+                cur.execute("RESET %s" % name)
     return objects

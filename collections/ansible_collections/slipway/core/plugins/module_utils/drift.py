@@ -133,7 +133,7 @@ def _severity(kind, obj, expected_def=None):
     if kind == "invalid":
         return "critical" if d.get("unique") else "warning"
     if kind == "missing":
-        if obj["kind"] in ("table", "column", "enum_label"):
+        if obj["kind"] in ("table", "column", "enum", "enum_label"):
             return "critical"
         if obj["kind"] == "constraint" and d.get("type") in ("primary key", "unique", "exclusion"):
             return "critical"
@@ -192,7 +192,7 @@ def _fix(kind, obj, expected_def, maker, cause):
 
 def _fingerprint(finding):
     raw = json.dumps([finding["kind"], finding["object"]["kind"], finding["object"]["name"],
-                      finding["object"].get("table")], sort_keys=True)
+                      finding["object"].get("table"), finding.get("severity")], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -217,6 +217,21 @@ def _finding(kind, obj, expected, actual, maker, status, cause=None):
 def _by_name(objects):
     """Constraints, indexes and triggers are keyed by definition; also index them by (kind, table, name)."""
     return {(o["kind"], o.get("table"), o["name"]): o for o in objects.values()}
+
+
+def _unique(exp):
+    d = exp["def"]
+    return (exp["kind"] == "constraint" and d.get("type") in ("unique", "primary key")) or \
+        (exp["kind"] == "index" and bool(d.get("unique")))
+
+
+def _stand_in(found, exp, actual):
+    """A critical finding about a unique constraint/index becomes a warning when a valid unique
+    index or constraint on the same columns serves ON CONFLICT in its place (named in ``why``)."""
+    name = _unique_stand_in(exp, actual)
+    if name and name != exp["name"]:
+        found["severity"] = "warning"
+        found["why"] += "; the valid unique index %s on the same columns still serves ON CONFLICT and foreign keys" % name
 
 
 def _unique_stand_in(exp, actual):
@@ -253,16 +268,15 @@ def compare(expected, actual, migrations=(), status=None):
         if act is None:
             same_name = actual_named.get((exp["kind"], exp.get("table"), exp["name"]))
             if exp["kind"] in ("constraint", "index", "trigger") and same_name is not None:
-                findings.append(_finding("changed", exp, exp["def"], same_name["def"], maker, status))
+                found = _finding("changed", exp, exp["def"], same_name["def"], maker, status)
+                if _unique(exp):  # what ON CONFLICT and foreign keys need is gone under the old name
+                    found["severity"] = "critical"
+                    _stand_in(found, exp, actual)
+                findings.append(found)
                 continue
-            if exp["kind"] == "enum":
-                continue  # labels are compared below
             found = _finding("missing", exp, exp["def"], None, maker, status)
-            stand_in = _unique_stand_in(exp, actual)
-            if found["severity"] == "critical" and stand_in:
-                found["severity"] = "warning"
-                found["why"] += ("; the valid unique index %s on the same columns still serves ON CONFLICT and "
-                                 "foreign keys" % stand_in)
+            if found["severity"] == "critical":
+                _stand_in(found, exp, actual)
             findings.append(found)
             continue
         if exp["kind"] in ("constraint", "index", "trigger") and act["name"] != exp["name"]:
@@ -273,6 +287,10 @@ def compare(expected, actual, migrations=(), status=None):
             continue
         if exp["kind"] == "enum":
             have = set(act["def"]["labels"])
+            common = [label for label in act["def"]["labels"] if label in set(exp["def"]["labels"])]
+            if common != [label for label in exp["def"]["labels"] if label in have]:
+                findings.append(_finding("changed", exp, {"labels": exp["def"]["labels"]}, {"labels": act["def"]["labels"]},
+                                         maker, status))  # the order: ORDER BY and < on the enum differ
             for label in exp["def"]["labels"]:
                 if label not in have:
                     obj = {"kind": "enum_label", "name": "%s=%s" % (exp["name"], label), "table": None}
@@ -291,16 +309,27 @@ def compare(expected, actual, migrations=(), status=None):
     for key, act in actual.items():
         if key in expected:
             continue
-        if act["kind"] in ("constraint", "index", "trigger") and (act["kind"], act.get("table"), act["name"]) in expected_named:
+        if act["kind"] in ("constraint", "index", "trigger") and not act.get("duplicate_of") and \
+                (act["kind"], act.get("table"), act["name"]) in expected_named:
             continue  # reported as changed above
         if act["kind"] == "column" and "table:%s" % act["table"] not in expected:
             continue  # its table is reported
         if act["kind"] in ("constraint", "index", "trigger") and "table:%s" % act["table"] not in expected:
             continue
-        findings.append(_finding("extra", act, None, act["def"], made.get(_maker_key(act)), status))
+        found = _finding("extra", act, None, act["def"], made.get(_maker_key(act)), status)
+        if act.get("duplicate_of"):
+            found["why"] = "a second %s of the same definition as %s (a leftover of REINDEX CONCURRENTLY, or made by " \
+                           "hand): it costs every write and serves nothing more" % (act["kind"], act["duplicate_of"])
+        findings.append(found)
         if not act["def"].get("valid", True):
-            findings.append(_finding("invalid", act, None, act["def"], made.get(_maker_key(act)), status))
+            found = _finding("invalid", act, None, act["def"], made.get(_maker_key(act)), status)
+            if act.get("duplicate_of"):  # its valid twin serves ON CONFLICT
+                found["severity"] = "warning"
+                found["why"] += "; the valid %s of the same definition serves in its place" % act["duplicate_of"]
+            findings.append(found)
 
+    for found in findings:  # severities settled: each finding's fingerprint names its severity too
+        found["fingerprint"] = _fingerprint(found)
     findings.sort(key=lambda f: (SEVERITY_ORDER[f["severity"]], f["object"]["kind"], f["object"]["name"]))
     return findings
 
@@ -321,6 +350,15 @@ def migration_findings(classified):
                  "expected": "applied", "actual": mig["status"], "severity": severity,
                  "migration": {"tag": mig["tag"], "statement": None, "text": None},
                  "cause": mig["status"], "why": CAUSES.get(mig["status"], mig["status"]), "fix": fix}
+        found["fingerprint"] = _fingerprint(found)
+        out.append(found)
+    for row in classified.get("unknown_rows") or []:
+        found = {"kind": "migration", "object": {"kind": "tracking row", "name": "row %s" % row["id"], "table": None},
+                 "expected": None, "actual": {"hash": row["hash"], "created_at": row["created_at"]},
+                 "severity": "warning", "migration": None, "cause": "unknown_row",
+                 "why": "a tracking row that matches no migration file here: a newer release applied it and "
+                        "current was rolled back (its objects show as extra), or a file was removed",
+                 "fix": "deploy the release that has it again, or review the row"}
         found["fingerprint"] = _fingerprint(found)
         out.append(found)
     return out

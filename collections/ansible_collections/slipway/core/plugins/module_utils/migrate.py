@@ -83,6 +83,12 @@ class LockBusy(MigrationError):
     """Another slipway migration holds the advisory lock of this tracking table."""
 
 
+def lock_key(schema, table):
+    """The advisory lock key (in class LOCK_CLASS) of a tracking table: a migration holds it
+    exclusively, a drift check shared."""
+    return zlib.crc32(("%s.%s" % (schema, table)).encode("utf-8")) & 0x7FFFFFFF
+
+
 def require_libraries(module):
     """Fail the Ansible ``module`` (one line) when psycopg or pglast cannot be imported: slipway's
     module runtime is not on its PYTHONPATH."""
@@ -671,7 +677,7 @@ class Engine:
         self.lock_retries = int(lock_retries)
         self.conflict_retries = int(conflict_retries)
         self.build_retries = int(build_retries)
-        self._lock_key = zlib.crc32(("%s.%s" % (schema, table)).encode("utf-8")) & 0x7FFFFFFF
+        self._lock_key = lock_key(schema, table)
 
     # ---- plan --------------------------------------------------------------------------------
     def plan(self):

@@ -15,11 +15,11 @@ __metaclass__ = type
 
 import time
 import uuid
-import zlib
 
 from ansible_collections.slipway.core.plugins.module_utils import catalog, drift, drizzle
 from ansible_collections.slipway.core.plugins.module_utils import statements as stmts
 from ansible_collections.slipway.core.plugins.module_utils.migrate import LOCK_CLASS, MigrationError, read_rows
+from ansible_collections.slipway.core.plugins.module_utils.migrate import lock_key as migrate_lock_key
 
 SHADOW_PREFIX = "slipway_shadow_"
 CLUSTER_WIDE = ("CreateRoleStmt", "AlterRoleStmt", "DropRoleStmt", "AlterRoleSetStmt", "CreateTableSpaceStmt",
@@ -34,9 +34,7 @@ class CannotCheck(MigrationError):
     """The check could not run (no shadow database could be made, a migration failed to replay)."""
 
 
-def lock_key(schema, table):
-    """The engine's advisory lock key for a tracking table (migrate.Engine uses the same)."""
-    return zlib.crc32(("%s.%s" % (schema, table)).encode("utf-8")) & 0x7FFFFFFF
+lock_key = migrate_lock_key  # the engine's advisory lock key of a tracking table
 
 
 def replay(conn, migrations):
@@ -61,31 +59,49 @@ def replay(conn, migrations):
                         if st["txn"] is None and type(st["node"]).__name__ not in CLUSTER_WIDE:
                             conn.execute(st["text"])
         except psycopg.Error as exc:
-            raise CannotCheck("replaying %s into the shadow database failed at statement %d: %s; the migrations "
-                              "do not build from an empty database (fix the migration, or check by hand)" % (
-                                  mig["tag"], at, str(exc).strip().splitlines()[0]))
+            raise CannotCheck("replaying %s into the shadow database failed at statement %d: %s; the expected schema "
+                              "cannot be built (the migration may need something the live database has that no migration "
+                              "makes: a role, an extension, a search_path)" % (mig["tag"], at, str(exc).strip().splitlines()[0]))
+
+
+READ_TIMEOUTS = (("lock_timeout", "10s"), ("statement_timeout", "120s"))
 
 
 def read_live(conn, folder, schema="drizzle", table="__drizzle_migrations", exclude=None):
-    """The live side of a drift check, read under the migration advisory lock taken without
-    waiting (DriftBusy while a migration runs): ``{"classified", "status" ({tag: status}),
-    "replay" (the tags the expected schema is built from: applied or tampered, journal order),
-    "live" (catalog), "seconds"}``."""
+    """The live side of a drift check, read under the migration advisory lock taken shared and
+    without waiting (DriftBusy while a migration holds it; two checks do not exclude each other),
+    each query with a lock and a statement timeout (CannotCheck past them): ``{"classified",
+    "status" ({tag: status}), "replay" (the tags the expected schema is built from: applied or
+    tampered, journal order), "live" (catalog), "prepare" (what a shadow needs that no migration
+    makes: the live database's other extensions, and the server's roles), "seconds"}``."""
+    import psycopg
+
     key = lock_key(schema, table)
-    if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, key)).fetchone()[0]:
+    if not conn.execute("SELECT pg_try_advisory_lock_shared(%s, %s)", (LOCK_CLASS, key)).fetchone()[0]:
         raise DriftBusy("a migration is running on this database (it holds slipway's migration lock): the schema is "
                         "changing; check again when the deploy has finished")
     try:
+        for name, value in READ_TIMEOUTS:
+            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
         rows = read_rows(conn, schema, table)
         classified = drizzle.classify(folder["migrations"], rows)
         started = time.monotonic()
         live = catalog.read(conn, exclude=[schema] + list(exclude or ()))
         seconds = time.monotonic() - started
+        roles = [r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname !~ '^pg_' ORDER BY 1").fetchall()]
+    except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+        raise CannotCheck("reading the schema waited too long (%s): a long lock on a table or view, e.g. an ALTER "
+                          "TABLE under way; check again" % str(exc).strip().splitlines()[0])
     finally:
-        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, key))
+        for name, _ in READ_TIMEOUTS:
+            conn.execute("RESET %s" % name)
+        conn.execute("SELECT pg_advisory_unlock_shared(%s, %s)", (LOCK_CLASS, key))
     status = dict((m["tag"], m["status"]) for m in classified["migrations"])
+    made = set(name for kind, name in drift.makers(folder["migrations"]) if kind == "extension")
+    extensions = sorted(o["name"] for o in live.values() if o["kind"] == "extension" and o["name"] not in made)
     return {"classified": classified, "status": status, "live": live, "seconds": round(seconds, 3),
-            "replay": [m["tag"] for m in folder["migrations"] if status[m["tag"]] in ("applied", "tampered")]}
+            "replay": [m["tag"] for m in folder["migrations"] if status[m["tag"]] in ("applied", "tampered")],
+            "prepare": {"extensions": extensions, "roles": roles}}
 
 
 def result(expected, live_state, folder, shadow):
@@ -115,24 +131,52 @@ def check(conn, connect, folder, schema="drizzle", table="__drizzle_migrations",
     started = time.monotonic()
     replay_set = set(live_state["replay"])
     expected = build_shadow(conn, connect, [m for m in folder["migrations"] if m["tag"] in replay_set],
-                            exclude=[schema] + list(exclude or ()))
+                            exclude=[schema] + list(exclude or ()),
+                            prepare={"extensions": live_state["prepare"]["extensions"]})
     return result(expected, live_state, folder,
                   {"where": "a database on the same server", "seconds": round(time.monotonic() - started, 3)})
 
 
-def build_shadow(conn, connect, migrations, exclude=catalog.DEFAULT_EXCLUDE):
-    """Create a shadow database on the server of ``conn``, replay ``migrations`` into it, read its
-    catalog and drop it. Raises CannotCheck when the role may not create a database."""
+def _create_database(admin, name):
     import psycopg
     from psycopg import sql
 
-    name = SHADOW_PREFIX + uuid.uuid4().hex[:12]
     try:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
     except psycopg.Error as exc:
-        raise CannotCheck("cannot create a shadow database on this server (%s); grant the role CREATEDB "
-                          "(ALTER ROLE ... CREATEDB) so the check can build the expected schema next to the live one"
-                          % str(exc).strip().splitlines()[0])
+        said = str(exc).strip().splitlines()[0]
+        if getattr(exc, "sqlstate", None) == "42501":
+            raise CannotCheck("cannot create a shadow database on this server (%s); grant the role CREATEDB "
+                              "(ALTER ROLE ... CREATEDB) so the check can build the expected schema next to the live one"
+                              % said)
+        raise CannotCheck("cannot create a shadow database on this server (%s)" % said)
+
+
+def _prepare(admin, shadow, prepare):
+    """What the shadow needs that no migration makes: the server's roles (created NOLOGIN where
+    they are missing: the controller's own PostgreSQL) and the live database's other extensions."""
+    import psycopg
+    from psycopg import sql
+
+    for role in (prepare or {}).get("roles") or ():
+        if not admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            admin.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+    for ext in (prepare or {}).get("extensions") or ():
+        try:
+            shadow.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(ext)))
+        except psycopg.Error as exc:
+            raise CannotCheck("the shadow database cannot have extension %s, which the live database has (%s); "
+                              "install it where the shadow is built" % (ext, str(exc).strip().splitlines()[0]))
+
+
+def build_shadow(conn, connect, migrations, exclude=catalog.DEFAULT_EXCLUDE, prepare=None):
+    """Create a shadow database on the server of ``conn``, give it what ``prepare`` names (see
+    read_live), replay ``migrations`` into it, read its catalog and drop it. Raises CannotCheck
+    when no shadow can be made or built there."""
+    from psycopg import sql
+
+    name = SHADOW_PREFIX + uuid.uuid4().hex[:12]
+    _create_database(conn, name)
     try:
         try:
             shadow = connect(name)
@@ -141,6 +185,7 @@ def build_shadow(conn, connect, migrations, exclude=catalog.DEFAULT_EXCLUDE):
                               "role only its own database; allow it every database (or the slipway_shadow_* ones)"
                               % (name, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
         try:
+            _prepare(conn, shadow, prepare)
             replay(shadow, migrations)
             return catalog.read(shadow, exclude=exclude)
         finally:
@@ -164,17 +209,12 @@ def baseline_points(conn, admin, connect, folder, exclude=None):
     server's, or the controller's own) and compare the live schema of ``conn`` with the shadow after
     each: ``{N: findings}`` for N = 0..all migrations (no findings: the first N migrations make
     exactly the live schema, a hand-kept migration record table aside)."""
-    import psycopg
     from psycopg import sql
 
     exclude = list(exclude or catalog.DEFAULT_EXCLUDE)
     live = catalog.read(conn, exclude=exclude)
     name = SHADOW_PREFIX + uuid.uuid4().hex[:12]
-    try:
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
-    except psycopg.Error as exc:
-        raise CannotCheck("cannot create a shadow database on this server (%s); grant the role CREATEDB"
-                          % str(exc).strip().splitlines()[0])
+    _create_database(admin, name)
     points = {}
     try:
         try:

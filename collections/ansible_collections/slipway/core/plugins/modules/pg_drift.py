@@ -107,6 +107,11 @@ classified:
   description: module_utils/drizzle.py classify's result (every migration's status, unknown rows, warnings).
   returned: unless busy
   type: dict
+prepare:
+  description: What a shadow needs that no migration makes - the live database's other extensions and the
+    server's role names (module_utils/shadow.py read_live).
+  returned: unless busy
+  type: dict
 replay:
   description: The tags the expected schema is built from (applied or tampered, journal order).
   returned: unless busy
@@ -135,12 +140,32 @@ from ansible_collections.slipway.core.plugins.module_utils.drizzle import Migrat
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
 
 
+def deploy_running(app_dir):
+    """Whether a deploy holds the host's deploy lock now (its keeper holds the flock exclusively):
+    `current` may be switched before its migrations run, so a check now would see them pending."""
+    import fcntl
+
+    try:
+        fd = os.open(layout.lock_paths(app_dir)[1], os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no deploy ever ran here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def migrations_folder(app_dir, wanted=None):
-    """The migrations folder of the release ``current`` points at (see the option's description)."""
+    """The migrations folder of the release ``current`` points at (see the option's description),
+    by its real path: a deploy switching ``current`` meanwhile cannot mix two releases' files."""
     current = layout.current_link(app_dir)
     if not os.path.isdir(current):
         raise MigrationError("%s does not exist: nothing is deployed to check; deploy first (invoke deploy)" % current)
-    release = os.path.basename(os.path.realpath(current))
+    current = os.path.realpath(current)
+    release = os.path.basename(current)
     if not wanted:
         try:
             with open(layout.deploys_file(app_dir)) as handle:
@@ -189,9 +214,12 @@ def main():
     conn = None
     out = dict(changed=False, busy=False, folder=None, fixed=[])
     try:
+        if deploy_running(p["app_dir"]):
+            module.exit_json(**dict(out, busy=True, msg="a deploy is running on this host (it holds the deploy lock): "
+                                    "check again when it has finished"))
         path = migrations_folder(p["app_dir"], p["migrations"])
         out["folder"] = path
-        out["release"] = os.path.basename(os.path.realpath(layout.current_link(p["app_dir"])))
+        out["release"] = os.path.basename(os.path.dirname(path))
         folder = read_folder(path)
         params = pg.connect_params(p)
         conn = engine.connect(None, connect_timeout=p["connect_timeout"], **params)  # autocommit
@@ -212,6 +240,7 @@ def main():
         except shadow.DriftBusy as exc:
             module.exit_json(**dict(out, busy=True, msg=str(exc)))
         out.update(live=state["live"], status=state["status"], classified=state["classified"], replay=state["replay"],
+                   prepare=state["prepare"],
                    read_seconds=state["seconds"], expected=None, migrations_content={},
                    server_version_num=int(conn.execute("SHOW server_version_num").fetchone()[0]))
         shadow_info = {"where": None, "error": None, "seconds": None}
@@ -224,7 +253,8 @@ def main():
 
             try:
                 out["expected"] = shadow.build_shadow(conn, connect, [m for m in folder["migrations"] if m["tag"] in replay],
-                                                      exclude=[p["tracking_schema"]])
+                                                      exclude=[p["tracking_schema"]],
+                                                      prepare={"extensions": state["prepare"]["extensions"]})
                 shadow_info.update(where="a database on the same server", seconds=round(time.monotonic() - started, 3))
             except shadow.CannotCheck as exc:
                 shadow_info["error"] = str(exc)
