@@ -59,6 +59,7 @@ def main() -> int:
     parser.add_argument("--tables", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--instance", type=int, default=31)
+    parser.add_argument("--sandbox", default="11", help="sandbox instance for the full `invoke drift` timings ('' to skip)")
     args = parser.parse_args()
     cluster = Cluster(args.instance)
     cluster.start()
@@ -104,7 +105,36 @@ def main() -> int:
     print(f"whole check of a drifted copy: {check_s:.2f}s, exit {result['exit']}, "
           f"{len(result['findings'])} findings: " + ", ".join(
               f"{f['severity']} {f['kind']} {f['object']['name']}" for f in result["findings"]))
+    if args.sandbox:
+        sandbox_timings(args.sandbox)
     return 0
+
+
+def sandbox_timings(instance: str) -> None:
+    """`invoke drift --host sandbox` as a user runs it, on a sandbox host in the drifted state: the
+    shadow on the controller (the sandbox role may not create databases), then on the server."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "SLIPWAY_SANDBOX_INSTANCE": instance}
+    invoke = [str(ROOT / ".venv" / "bin" / "invoke"), "--search-root", str(ROOT)]
+
+    def run(*args):
+        started = time.monotonic()
+        proc = subprocess.run([*invoke, *args], env=env, capture_output=True, text=True, timeout=600, check=False)
+        return time.monotonic() - started, proc
+
+    try:
+        for args in (("sandbox.down",), ("sandbox.up", "--state", "drifted")):
+            if run(*args)[1].returncode:
+                raise SystemExit(f"error: invoke {' '.join(args)} failed")
+        times = [run("drift", "--host", "sandbox") for _ in range(3)]
+        print("invoke drift --host sandbox (drifted; shadow on the controller): "
+              + ", ".join(f"{t:.1f}s exit {p.returncode}" for t, p in times))
+        seconds, proc = run("drift", "--host", "sandbox", "--fix")
+        print(f"invoke drift --host sandbox --fix: {seconds:.1f}s exit {proc.returncode}")
+    finally:
+        run("sandbox.down")
 
 
 if __name__ == "__main__":
