@@ -170,7 +170,10 @@ def test_sigterm_in_the_middle_of_a_pm2_reload_lets_the_reload_finish(host, tmp_
     record = next(r for r in host.records() if r.get("run_id") == run_id)
     assert record["result"] == "interrupted", record
     # the reload under way when the stop came was finished, then journaled; the gate was cut
-    assert record["pm2"] == {"action": "reload", "release": record["release"], "completed": True}, record
+    pm2_record = record["pm2"]
+    assert {k: pm2_record[k] for k in ("action", "release", "completed", "app")} == {
+        "action": "reload", "release": record["release"], "completed": True, "app": "ollama-reader"}, record
+    assert pm2_record["steps"] == [{"action": "reload", "app": "ollama-reader", "completed": True}], record
     assert f"PM2 reload on {record['release']}" in out and "INTERRUPTED in pm2_app" in out, out
     pm2 = seen["right_after"]["pm2"]
     assert len(pm2) == 2 and all(status == "online" and rel == record["release"] for _, status, rel in pm2), pm2
