@@ -69,13 +69,13 @@ def evaluate(read: dict) -> dict:
                 with connect("postgres") as conn:
                     expected = shadow.build_shadow(conn, connect, [m for m in folder["migrations"] if m["tag"] in replay],
                                                    exclude=[read.get("tracking_schema") or "drizzle"],
-                                                   prepare=read.get("prepare"))
+                                                   prepare=read.get("prepare"), include=read.get("include") or ())
             where = {"where": f"an ephemeral PostgreSQL {major} on the controller", "seconds": round(time.monotonic() - started, 3),
                      "why": where.get("error") or "shadow: none"}
         return shadow.result(expected, live_state, folder, where)
 
 
-def check(host: str, fixes: dict | None = None) -> dict:
+def check(host: str, fixes: dict | None = None, include: tuple = ()) -> dict:
     """``{host: {"exit", "result" | "error", "release", "fixed"}}`` for every host ``host`` names;
     ``fixes`` ({host: remedy plan}): applied on each host first (pg_drift), then the check."""
     from . import runtime as rt
@@ -96,7 +96,8 @@ def check(host: str, fixes: dict | None = None) -> dict:
     if pythons:
         runtimes = rt.runtimes(list(pythons.values()))
         result = run_playbook("drift.yml", ",".join(sorted(pythons)),
-                              {**rt.extravars(runtimes), "slipway_drift_fixes": fixes or {}})
+                              {**rt.extravars(runtimes), "slipway_drift_fixes": fixes or {},
+                               "slipway_drift_include": list(include)})
         data = result["data"].get("drift", {})
         failures.update({f["host"]: " ".join(f["msg"]) if isinstance(f["msg"], list) else f["msg"]
                          for f in result["failures"]})
@@ -162,7 +163,7 @@ def migrate_pending(checked: dict) -> dict:
                 {"done": False, "why": failures.get(n) or "not run (an earlier host failed)"}) for n in names}
 
 
-def fix(host: str, checked: dict) -> dict:
+def fix(host: str, checked: dict, include: tuple = ()) -> dict:
     """``invoke drift --fix``: what is safe of each host's findings (module_utils/remedy.py) fixed
     online, then every host checked again; the result holds that check, each host's ``fixed``
     (done or why not) and ``refused`` (left for a human, with why)."""
@@ -174,7 +175,7 @@ def fix(host: str, checked: dict) -> dict:
         if done["done"]:
             plans[name] = (plans[name][0], [r for r in plans[name][1] if not r["why"].startswith(("a pending", "a skipped"))])
     fixes = {name: plan[0] for name, plan in plans.items() if plan[0]}
-    again = check(host, fixes) if (fixes or migrated) else checked
+    again = check(host, fixes, include) if (fixes or migrated) else checked
     for name, (_, refused) in plans.items():
         if name in again:
             again[name].setdefault("fixed", [])
@@ -241,16 +242,21 @@ def host_key(name: str) -> str:
 
 
 def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: str | None = None,
-          out=sys.stdout, fix_safe: bool = False) -> int:
+          out=sys.stdout, fix_safe: bool = False, include: str | None = None) -> int:
     """Check, print (or one JSON document), write ``metrics``, POST to ``notify`` what changed;
     returns the exit code."""
     from . import alerts
 
     notify = notify or os.environ.get("SLIPWAY_DRIFT_NOTIFY") or None  # a scheduled check's (drift.schedule)
     alerts.check_options(notify, metrics)
-    checked = check(host)
+    extra = tuple(name.strip() for name in (include or "").split(",") if name.strip())
+    bad = [name for name in extra if name not in ("grants", "comments")]
+    if bad:
+        raise SlipwayError(f"--include {','.join(bad)}: not something drift compares on request; pass grants, comments "
+                           "or grants,comments")
+    checked = check(host, include=extra)
     if fix_safe:
-        checked = fix(host, checked)
+        checked = fix(host, checked, extra)
     code = worst([info["exit"] for info in checked.values()])
     if metrics:
         alerts.write_metrics(metrics, checked)

@@ -13,15 +13,16 @@ from . import cli
     "notify": "POST one JSON document (Slack-compatible `text`) to this webhook URL when a host's state changes, "
               "and on recovery (default: $SLIPWAY_DRIFT_NOTIFY)",
     "metrics": "write a Prometheus textfile here (node_exporter's textfile collector), atomically",
+    "include": "also compare grants and/or comments (off by default): grants, comments or grants,comments",
     "fix": "rebuild online what is safe (a missing or INVALID index or UNIQUE constraint an applied migration makes, "
            "after a duplicate count), then check again; never a drop or a type change"})
-def check(c, host, json=False, notify=None, metrics=None, fix=False):
+def check(c, host, json=False, notify=None, metrics=None, fix=False, include=None):
     """Schema drift: what the live schema lacks or has extra versus its applied migrations, the migration and cause of each finding, the fix (exit 0 none, 1 warning, 2 critical, 3 could not check)."""
     from slipway.drift import UNKNOWN
     from slipway.drift import drift as run_drift
 
     try:
-        code = run_drift(host, as_json=json, notify=notify, metrics=metrics, fix_safe=fix)
+        code = run_drift(host, as_json=json, notify=notify, metrics=metrics, fix_safe=fix, include=include)
     except SlipwayError as exc:  # could not check: the monitoring convention's UNKNOWN
         raise Exit(f"error: {exc}", code=UNKNOWN) from None
     except Exception as exc:  # noqa: BLE001 - anything else is could-not-check too (exit 1 would read as WARNING)

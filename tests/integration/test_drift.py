@@ -63,6 +63,7 @@ def test_healthy_host_has_no_drift(host):
     state("healthy")
     proc = drift(expect=0)
     assert "sandbox: OK - 0 finding(s); migrations: 8 applied, 0 pending" in proc.stdout
+    drift("--include", "grants,comments", expect=0)  # the app role's own rights aside, none differ
 
 
 def test_a_migration_running_is_could_not_check_never_drift(host):
@@ -241,6 +242,7 @@ def test_the_schedule_really_runs_under_cron_and_alerts(host, receiver, tmp_path
 def test_bad_schedule_and_alert_inputs_are_one_line(host, tmp_path):
     for args, words in ((("drift.schedule", "--host", "sandbox", "--every", "7m"), "--every '7m' is not a period cron can keep"),
                         (("drift", "--host", "sandbox", "--notify", "ftp://x"), "is not an http(s) URL"),
+                        (("drift", "--host", "sandbox", "--include", "owners"), "--include owners: not something drift"),
                         (("drift", "--host", "sandbox", "--metrics", str(tmp_path / "nodir" / "m.prom")), "not a file in an existing directory")):
         proc = cli(*args, check=False, env=ENV)
         assert proc.returncode != 0 and proc.stderr.startswith("error: ") and words in proc.stderr, proc.stderr

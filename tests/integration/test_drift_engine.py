@@ -171,3 +171,37 @@ def test_public_histories_applied_by_slipway_show_no_drift(pgc, name):
 
 def test_the_reference_app_is_where_the_tests_expect_it():
     assert (ROOT / "examples" / "reader-app" / "migrations" / "meta" / "_journal.json").is_file()
+
+
+def test_grants_and_comments_are_compared_on_request(pgc, db, tmp_path):
+    from migtools import add_entry, folder_copy
+
+    with pgc.connect("postgres") as conn:
+        conn.execute("DROP ROLE IF EXISTS drift_reader")
+        conn.execute("CREATE ROLE drift_reader NOLOGIN")
+    try:
+        folder_path = folder_copy(tmp_path)
+        add_entry(folder_path, "0008_grants_and_comments", 1900000000000,
+                  'GRANT SELECT ON "books" TO drift_reader;\n--> statement-breakpoint\n'
+                  "COMMENT ON TABLE \"books\" IS 'the catalogue';")
+        folder = applied(pgc, db, folder_path)
+
+        def check_with(include):
+            with pgc.connect(db) as conn:
+                state = shadow.read_live(conn, folder, include=include)
+                expected = shadow.build_shadow(conn, lambda name: pgc.connect(name), folder["migrations"],
+                                               exclude=["drizzle"], include=include)
+                return shadow.result(expected, state, folder, {"where": "test"})["findings"]
+
+        assert check_with(("grants", "comments")) == []
+        with pgc.connect(db) as conn:
+            conn.execute('REVOKE SELECT ON "books" FROM drift_reader')
+            conn.execute("COMMENT ON TABLE \"books\" IS 'changed by hand'")
+        assert check_with(()) == []  # off by default
+        found = {(f["kind"], f["object"]["kind"], f["severity"]) for f in check_with(("grants", "comments"))}
+        assert found == {("missing", "grant", "warning"), ("changed", "comment", "info")}
+    finally:
+        with pgc.connect(db) as conn:
+            conn.execute('REVOKE ALL ON "books" FROM drift_reader')
+        with pgc.connect("postgres") as conn:
+            conn.execute("DROP ROLE IF EXISTS drift_reader")

@@ -108,6 +108,46 @@ FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.
 WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND n.oid IN (SCHEMAS) ORDER BY 1, 2""",
 }
 
+# read only on request (``include``): who may do what on each table, view, sequence and function
+# (the owner's own rights left out: the owner differs between a shadow and the live database), and
+# the comments on tables, columns, indexes, views, types and functions
+_OPTIONAL = {
+    "grants": """
+SELECT n.nspname || '.' || c.relname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+       a.privilege_type, a.is_grantable
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S') AND n.oid IN (SCHEMAS) AND a.grantee <> c.relowner
+UNION ALL
+SELECT n.nspname || '.' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')',
+       CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace, aclexplode(p.proacl) a
+WHERE n.oid IN (SCHEMAS) AND a.grantee <> p.proowner
+ORDER BY 1, 2, 3""",
+    "comments": """
+SELECT CASE WHEN d.classoid = 'pg_class'::regclass AND d.objsubid > 0 THEN 'column'
+            WHEN d.classoid = 'pg_class'::regclass THEN 'relation'
+            WHEN d.classoid = 'pg_proc'::regclass THEN 'function' ELSE 'type' END,
+       CASE WHEN d.classoid = 'pg_class'::regclass AND d.objsubid > 0
+                 THEN n.nspname || '.' || c.relname || '.' || (SELECT attname FROM pg_attribute
+                      WHERE attrelid = c.oid AND attnum = d.objsubid)
+            WHEN d.classoid = 'pg_class'::regclass THEN n.nspname || '.' || c.relname
+            WHEN d.classoid = 'pg_proc'::regclass THEN pn.nspname || '.' || p.proname || '('
+                 || pg_get_function_identity_arguments(p.oid) || ')'
+            ELSE tn.nspname || '.' || t.typname END,
+       d.description
+FROM pg_description d
+LEFT JOIN pg_class c ON d.classoid = 'pg_class'::regclass AND c.oid = d.objoid
+LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_proc p ON d.classoid = 'pg_proc'::regclass AND p.oid = d.objoid
+LEFT JOIN pg_namespace pn ON pn.oid = p.pronamespace
+LEFT JOIN pg_type t ON d.classoid = 'pg_type'::regclass AND t.oid = d.objoid
+LEFT JOIN pg_namespace tn ON tn.oid = t.typnamespace
+WHERE (c.oid IS NOT NULL AND n.oid IN (SCHEMAS)) OR (p.oid IS NOT NULL AND pn.oid IN (SCHEMAS))
+   OR (t.oid IS NOT NULL AND tn.oid IN (SCHEMAS))
+ORDER BY 1, 2""",
+}
+OPTIONAL = tuple(_OPTIONAL)
+
 CONTYPES = {"p": "primary key", "u": "unique", "f": "foreign key", "c": "check", "x": "exclusion"}
 
 
@@ -115,10 +155,14 @@ def _obj(kind, name, table=None, key=None, **definition):
     return {"key": key or "%s:%s" % (kind, name), "kind": kind, "name": name, "table": table, "def": definition}
 
 
-def read(conn, exclude=DEFAULT_EXCLUDE):
+def read(conn, exclude=DEFAULT_EXCLUDE, include=()):
     """``{key: object}`` of the database ``conn`` is connected to (a psycopg connection; read-only
-    queries; the session settings it pins are reset afterwards on an autocommit connection)."""
+    queries; the session settings it pins are reset afterwards on an autocommit connection).
+    ``include``: any of OPTIONAL (grants, comments), read too."""
     exclude = list(exclude or ())
+    unknown = [name for name in include or () if name not in _OPTIONAL]
+    if unknown:
+        raise ValueError("cannot compare %s; choose from %s" % (", ".join(unknown), ", ".join(OPTIONAL)))
     objects = {}
 
     def add(obj):
@@ -139,7 +183,7 @@ def read(conn, exclude=DEFAULT_EXCLUDE):
             cur.execute("SELECT set_config(%s, %s, %s)", (name, value, not conn.autocommit))
 
         def rows(kind):
-            cur.execute(_QUERIES[kind].replace("SCHEMAS", _SCHEMAS), {"exclude": exclude})
+            cur.execute((_QUERIES.get(kind) or _OPTIONAL[kind]).replace("SCHEMAS", _SCHEMAS), {"exclude": exclude})
             return cur.fetchall()
 
         for name, schema in rows("extension"):
@@ -167,6 +211,13 @@ def read(conn, exclude=DEFAULT_EXCLUDE):
         for table, name, trigdef, enabled in rows("trigger"):
             add(_obj("trigger", name, table=table, key="trigger:%s:%s" % (table, trigdef), definition=trigdef,
                      enabled=enabled != "D"))
+        if "grants" in (include or ()):
+            for target, grantee, privilege, grantable in rows("grants"):
+                add(_obj("grant", "%s %s to %s" % (privilege, target, grantee), table=None, on=target, grantee=grantee,
+                         privilege=privilege, grantable=bool(grantable)))
+        if "comments" in (include or ()):
+            for kind, target, text in rows("comments"):
+                add(_obj("comment", "on %s %s" % (kind, target), text=text))
         if conn.autocommit:
             for name in ("search_path", "TimeZone", "DateStyle", "IntervalStyle", "extra_float_digits"):
                 cur.execute("RESET %s" % name)

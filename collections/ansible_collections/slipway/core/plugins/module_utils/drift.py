@@ -130,6 +130,8 @@ def _maker_key(obj):
 # -------------------------------------------------------------------------------------------- comparing
 def _severity(kind, obj, expected_def=None):
     d = expected_def or obj["def"]
+    if obj["kind"] == "comment":
+        return "info"
     if kind == "invalid":
         return "critical" if d.get("unique") else "warning"
     if kind == "missing":

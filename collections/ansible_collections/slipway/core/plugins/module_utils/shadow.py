@@ -67,7 +67,7 @@ def replay(conn, migrations):
 READ_TIMEOUTS = (("lock_timeout", "10s"), ("statement_timeout", "120s"))
 
 
-def read_live(conn, folder, schema="drizzle", table="__drizzle_migrations", exclude=None):
+def read_live(conn, folder, schema="drizzle", table="__drizzle_migrations", exclude=None, include=()):
     """The live side of a drift check, read under the migration advisory lock taken shared and
     without waiting (DriftBusy while a migration holds it; two checks do not exclude each other),
     each query with a lock and a statement timeout (CannotCheck past them): ``{"classified",
@@ -86,7 +86,7 @@ def read_live(conn, folder, schema="drizzle", table="__drizzle_migrations", excl
         rows = read_rows(conn, schema, table)
         classified = drizzle.classify(folder["migrations"], rows)
         started = time.monotonic()
-        live = catalog.read(conn, exclude=[schema] + list(exclude or ()))
+        live = catalog.read(conn, exclude=[schema] + list(exclude or ()), include=include)
         seconds = time.monotonic() - started
         roles = [r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname !~ '^pg_' ORDER BY 1").fetchall()]
     except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
@@ -169,7 +169,7 @@ def _prepare(admin, shadow, prepare):
                               "install it where the shadow is built" % (ext, str(exc).strip().splitlines()[0]))
 
 
-def build_shadow(conn, connect, migrations, exclude=catalog.DEFAULT_EXCLUDE, prepare=None):
+def build_shadow(conn, connect, migrations, exclude=catalog.DEFAULT_EXCLUDE, prepare=None, include=()):
     """Create a shadow database on the server of ``conn``, give it what ``prepare`` names (see
     read_live), replay ``migrations`` into it, read its catalog and drop it. Raises CannotCheck
     when no shadow can be made or built there."""
@@ -187,7 +187,7 @@ def build_shadow(conn, connect, migrations, exclude=catalog.DEFAULT_EXCLUDE, pre
         try:
             _prepare(conn, shadow, prepare)
             replay(shadow, migrations)
-            return catalog.read(shadow, exclude=exclude)
+            return catalog.read(shadow, exclude=exclude, include=include)
         finally:
             shadow.close()
     finally:

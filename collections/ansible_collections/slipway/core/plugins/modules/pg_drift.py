@@ -46,6 +46,13 @@ options:
     type: str
     choices: [auto, none]
     default: auto
+  include:
+    description: Also compare these, off by default - C(grants) (who may do what on each table, view,
+      sequence and function; the owner's own rights aside), C(comments).
+    type: list
+    elements: str
+    choices: [grants, comments]
+    default: []
   fixes:
     description:
       - The plan of C(invoke drift --fix) (module_utils/remedy.py) - indexes and UNIQUE/PRIMARY KEY constraints
@@ -202,6 +209,7 @@ def main():
             tracking_table=dict(type="str", default=engine.DEFAULT_TABLE),
             shadow=dict(type="str", default="auto", choices=["auto", "none"]),
             fixes=dict(type="list", elements="dict", default=[]),
+            include=dict(type="list", elements="str", default=[], choices=["grants", "comments"]),
             **pg.postgres_argument_spec(),
         ),
         supports_check_mode=True,
@@ -236,11 +244,11 @@ def main():
                 conn.execute("SELECT pg_advisory_unlock(%s, %s)", (engine.LOCK_CLASS, key))
             out["changed"] = any(f["ran"] for f in out["fixed"])
         try:
-            state = shadow.read_live(conn, folder, p["tracking_schema"], p["tracking_table"])
+            state = shadow.read_live(conn, folder, p["tracking_schema"], p["tracking_table"], include=p["include"])
         except shadow.DriftBusy as exc:
             module.exit_json(**dict(out, busy=True, msg=str(exc)))
         out.update(live=state["live"], status=state["status"], classified=state["classified"], replay=state["replay"],
-                   prepare=state["prepare"],
+                   prepare=state["prepare"], include=p["include"],
                    read_seconds=state["seconds"], expected=None, migrations_content={},
                    server_version_num=int(conn.execute("SHOW server_version_num").fetchone()[0]))
         shadow_info = {"where": None, "error": None, "seconds": None}
@@ -254,7 +262,8 @@ def main():
             try:
                 out["expected"] = shadow.build_shadow(conn, connect, [m for m in folder["migrations"] if m["tag"] in replay],
                                                       exclude=[p["tracking_schema"]],
-                                                      prepare={"extensions": state["prepare"]["extensions"]})
+                                                      prepare={"extensions": state["prepare"]["extensions"]},
+                                                      include=p["include"])
                 shadow_info.update(where="a database on the same server", seconds=round(time.monotonic() - started, 3))
             except shadow.CannotCheck as exc:
                 shadow_info["error"] = str(exc)
