@@ -12,6 +12,7 @@ import json
 import psycopg
 import pytest
 from conftest import cli, host_env, sandbox_up
+from instances import sandbox_instance
 
 from ansible_collections.slipway.core.plugins.module_utils import shadow  # isort: skip
 from ansible_collections.slipway.core.plugins.module_utils.migrate import LOCK_CLASS  # isort: skip
@@ -74,14 +75,20 @@ def test_a_migration_running_is_could_not_check_never_drift(host):
     drift(expect=0)
 
 
-def test_an_invalid_unique_index_is_critical(host):
-    with psycopg.connect(host["DATABASE_URL"], autocommit=True) as conn:
+def leave_an_invalid_unique_index(dsn) -> None:
+    """What a failed CREATE UNIQUE INDEX CONCURRENTLY leaves: 0007's constraint dropped, one
+    duplicate key group written, the build failing on it (the index left INVALID)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"ALTER TABLE book_view_statistics DROP CONSTRAINT {UNIQUE}")
         book = conn.execute("SELECT book_id FROM book_view_statistics LIMIT 1").fetchone()[0]
         conn.execute("INSERT INTO book_view_statistics (book_id, view_type, view_count) "
-                     "SELECT book_id, view_type, 1 FROM book_view_statistics WHERE book_id = %s", (book,))
+                     "SELECT book_id, view_type, 1 FROM book_view_statistics WHERE book_id = %s LIMIT 1", (book,))
         with pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute(f"CREATE UNIQUE INDEX CONCURRENTLY {UNIQUE} ON book_view_statistics (book_id, view_type)")
+
+
+def test_an_invalid_unique_index_is_critical(host):
+    leave_an_invalid_unique_index(host["DATABASE_URL"])
     found = {(f["kind"], f["object"]["name"]): f for f in findings(drift("--json", expect=2))}
     assert found[("invalid", UNIQUE)]["severity"] == "critical" and "42P10" in found[("invalid", UNIQUE)]["why"]
     assert found[("missing", UNIQUE)]["severity"] == "critical"
@@ -100,12 +107,10 @@ def test_a_role_that_may_create_databases_gets_its_shadow_on_the_server(host):
     """CREATEDB alone is not enough when pg_hba.conf lets the role reach only its own database (the
     sandbox's does): the controller builds the shadow and says why; allowed every database, the
     shadow is built next to the live database and dropped again."""
-    import os
+    from slipway.sandbox import DB_USER, pg, psql_admin
 
-    from slipway.sandbox import DB_USER, Host, pg, psql_admin
-
-    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = INSTANCE
-    sandbox = Host.make(1)
+    with sandbox_instance(INSTANCE) as sb:
+        sandbox = sb.Host.make(1)
     hba = sandbox.pgdata / "pg_hba.conf"
     original = hba.read_text()
     try:
@@ -123,7 +128,6 @@ def test_a_role_that_may_create_databases_gets_its_shadow_on_the_server(host):
         hba.write_text(original)
         pg("pg_ctl", "-D", sandbox.pgdata, "reload")
         psql_admin(sandbox, f"ALTER ROLE {DB_USER} NOCREATEDB;")
-        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = "1"
 
 
 def test_a_host_that_does_not_exist_is_one_line_and_could_not_check(host):
@@ -279,13 +283,7 @@ def test_fix_restores_what_is_safe_online_and_leaves_the_hand_made_column(host):
 
 def test_fix_does_not_build_a_unique_index_over_duplicates(host):
     state("healthy")
-    with psycopg.connect(host["DATABASE_URL"], autocommit=True) as conn:
-        conn.execute(f"ALTER TABLE book_view_statistics DROP CONSTRAINT {UNIQUE}")
-        book = conn.execute("SELECT book_id FROM book_view_statistics LIMIT 1").fetchone()[0]
-        conn.execute("INSERT INTO book_view_statistics (book_id, view_type, view_count) "
-                     "SELECT book_id, view_type, 1 FROM book_view_statistics WHERE book_id = %s LIMIT 1", (book,))
-        with pytest.raises(psycopg.errors.UniqueViolation):
-            conn.execute(f"CREATE UNIQUE INDEX CONCURRENTLY {UNIQUE} ON book_view_statistics (book_id, view_type)")
+    leave_an_invalid_unique_index(host["DATABASE_URL"])
     proc = drift("--fix", expect=2)
     assert f"NOT FIXED: constraint {UNIQUE} on public.book_view_statistics: 1 duplicate key group(s)" in proc.stdout
     with psycopg.connect(host["DATABASE_URL"], autocommit=True) as conn:  # the useless INVALID leftover is gone
@@ -300,16 +298,11 @@ def test_fix_applies_a_pending_migration_through_the_engine_with_a_backup_first(
     assert "MIGRATED: 0007_add_unique_constraint_book_view_statistics (deploy lock held, backup sandbox_booksdb_" in proc.stdout
     assert "--fix: 1 finding(s) before (WARNING); now OK" in proc.stdout
     assert views(host["DATABASE_URL"]) == before  # 0007 consolidates the duplicates, every view kept
-    from slipway.sandbox import INCIDENT_BOOK, Host, http_json
+    from slipway.sandbox import INCIDENT_BOOK, http_json
 
     status, _ = http_json("POST", f"{host['APP_URL']}/api/books/{INCIDENT_BOOK}/track-view", {"viewType": "card_view"},
                           token=host["API_TOKEN"], timeout=10)
     assert status == 200
-    import os
-
-    os.environ["SLIPWAY_SANDBOX_INSTANCE"] = INSTANCE
-    try:
-        backups = list(Host.make(1).backup_dir.glob("sandbox_booksdb_*.dump"))
-    finally:
-        os.environ["SLIPWAY_SANDBOX_INSTANCE"] = "1"
+    with sandbox_instance(INSTANCE) as sb:
+        backups = list(sb.Host.make(1).backup_dir.glob("sandbox_booksdb_*.dump"))
     assert backups and all(oct(b.stat().st_mode & 0o777) == "0o600" for b in backups)
