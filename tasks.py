@@ -5,7 +5,7 @@ the local sandbox's inventory added to slipway's inventory sources (production c
 the sandbox)."""
 from invoke import Collection
 
-from slipway.cli import db, deploy, dev, hosts, schema
+from slipway.cli import db, deploy, dev, hosts, observe, schema
 from slipway.cli import sandbox as sandbox_tasks
 from slipway.sandbox import register
 
@@ -14,7 +14,7 @@ register()  # `invoke deploy --host sandbox` finds the sandbox's hosts while one
 ns = Collection()
 ns.add_collection(sandbox_tasks.ns)
 ns.add_collection(schema.ns)
-for topic in (hosts, deploy, db, dev):
+for topic in (hosts, deploy, db, observe, dev):
     for each in topic.TASKS:
         ns.add_task(each)
 ns.add_task(sandbox_tasks.demo)

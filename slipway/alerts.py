@@ -104,6 +104,45 @@ def _state_file() -> Path:
     return path / "state.json"
 
 
+def _last_file() -> Path:
+    return _state_file().with_name("last.json")
+
+
+def record_last(checked: dict, keys: dict, now: float | None = None) -> None:
+    """Keep each host's last drift check (time, exit, findings by severity, or why it could not
+    check) for `invoke status`, by host key (``keys``: {host: key}); 0600, written atomically."""
+    from .files import write_private
+
+    path = _last_file()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    at = time.time() if now is None else now
+    for host, info in checked.items():
+        entry = {"at": at, "exit": info["exit"], "state": STATES.get(info["exit"])}
+        if "error" in info:
+            entry["error"] = info["error"]
+        else:
+            counts = {"critical": 0, "warning": 0, "info": 0}
+            for f in info["result"]["findings"]:
+                counts[f["severity"]] += 1
+            entry["findings"] = counts
+        data[keys.get(host, host)] = entry
+    write_private(path, json.dumps(data, indent=1, sort_keys=True), 0o600)
+
+
+def last_checks() -> dict:
+    """{host key: the last drift check's entry} as record_last kept them ({} before any)."""
+    try:
+        data = json.loads(_last_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _summary(info: dict) -> dict:
     if "error" in info:
         return {"exit": info["exit"], "fingerprints": [], "error": info["error"]}

@@ -78,29 +78,12 @@ def evaluate(read: dict) -> dict:
 def check(host: str, fixes: dict | None = None, include: tuple = ()) -> dict:
     """``{host: {"exit", "result" | "error", "release", "fixed"}}`` for every host ``host`` names;
     ``fixes`` ({host: remedy plan}): applied on each host first (pg_drift), then the check."""
-    from . import runtime as rt
     from .inventory import resolve_target
-    from .remote import close_all, probe_pythons
-    from .runner import run_playbook
+    from .runner import run_read_only
 
     hosts = resolve_target(host)
-    pythons, failures = {}, {}
-    for name in hosts:  # one unreachable host is that host's UNKNOWN, not the whole check's
-        try:
-            found, conns = probe_pythons([name])
-            close_all(conns)
-            pythons.update(found)
-        except Exception as exc:  # noqa: BLE001 - SSH's, the probe's: one line for that host
-            failures[name] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    data = {}
-    if pythons:
-        runtimes = rt.runtimes(list(pythons.values()))
-        result = run_playbook("drift.yml", ",".join(sorted(pythons)),
-                              {**rt.extravars(runtimes), "slipway_drift_fixes": fixes or {},
-                               "slipway_drift_include": list(include)})
-        data = result["data"].get("drift", {})
-        failures.update({f["host"]: " ".join(f["msg"]) if isinstance(f["msg"], list) else f["msg"]
-                         for f in result["failures"]})
+    data, failures = run_read_only("drift.yml", hosts, {"slipway_drift_fixes": fixes or {},
+                                                       "slipway_drift_include": list(include)}, "drift")
     out = {}
     for name in hosts:
         read = data.get(name)
@@ -258,6 +241,7 @@ def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: 
     if fix_safe:
         checked = fix(host, checked, extra)
     code = worst([info["exit"] for info in checked.values()])
+    alerts.record_last(checked, {h: host_key(h) for h in checked})  # for invoke status
     if metrics:
         alerts.write_metrics(metrics, checked)
     sent = None

@@ -149,3 +149,39 @@ def print_failures(result: dict, stream=None) -> None:
     for failure in result["failures"]:
         where = f"{failure['task']}: " if failure["task"] else ""
         print(f"{failure['host']:<14} FAILED     {where}{failure['msg']}", file=stream or sys.stdout)
+
+
+def run_read_only(playbook: str, hosts: list[str], extravars: dict, key: str) -> tuple[dict, dict]:
+    """A read-only playbook (no deploy lock) on ``hosts``: ({host: its set_stats ``key`` entry},
+    {host: why it could not be read}). Each host's module Python is probed on its own (in
+    parallel), so one unreachable host is only that host's failure; the playbook then runs once
+    for the hosts that answered, with the module runtime each needs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import runtime as rt
+    from .remote import close_all, probe_pythons
+
+    def probe(name):
+        try:
+            found, conns = probe_pythons([name])
+            close_all(conns)
+            return name, found[name], None
+        except Exception as exc:  # noqa: BLE001 - SSH's, the probe's: one line for that host
+            said = str(exc).strip()
+            return name, None, said.splitlines()[0] if said else type(exc).__name__
+
+    pythons, failures = {}, {}
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(hosts)))) as pool:
+        for name, found, why in pool.map(probe, hosts):
+            if why is None:
+                pythons[name] = found
+            else:
+                failures[name] = why
+    data = {}
+    if pythons:
+        runtimes = rt.runtimes(list(pythons.values()))
+        result = run_playbook(playbook, ",".join(sorted(pythons)), {**rt.extravars(runtimes), **extravars})
+        data = result["data"].get(key, {})
+        failures.update({f["host"]: " ".join(f["msg"]) if isinstance(f["msg"], list) else str(f["msg"])
+                         for f in result["failures"]})
+    return data, failures

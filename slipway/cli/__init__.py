@@ -6,6 +6,7 @@ into one namespace by the checkout's tasks.py.
 - ``db``: `backup`, `restore`, `migrate`
 - ``hosts``: `ping`, `smoke`
 - ``schema``: `drift` (`drift.check`), `drift.schedule`, `drift.unschedule`
+- ``observe``: `diagnose`, `status` (read-only)
 - ``dev``: `lint`, `molecule`, `test`
 
 Every task turns a SlipwayError into one line ``error: <cause>; <fix>`` on stderr and its exit

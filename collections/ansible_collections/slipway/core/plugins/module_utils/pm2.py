@@ -42,6 +42,8 @@ _ENV_FIELDS = (
     "pm_err_log_path",
     "pm_out_log_path",
     "pm_log_path",
+    "exit_code",
+    "max_memory_restart",
 )
 
 # Files PM2 writes with every process's environment (DATABASE_URL, tokens) in them.

@@ -141,6 +141,11 @@ def _create_database(admin, name):
     import psycopg
     from psycopg import sql
 
+    # asked first: a refused CREATE DATABASE would put an ERROR line in the server's log on every check
+    may = admin.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    if not (may and may[0]):
+        raise CannotCheck("cannot create a shadow database on this server (the role has no CREATEDB); grant the role "
+                          "CREATEDB (ALTER ROLE ... CREATEDB) so the check can build the expected schema next to the live one")
     try:
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
     except psycopg.Error as exc:

@@ -135,60 +135,15 @@ server_version_num:
   type: int
 """
 
-import json
 import os
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.slipway.core.plugins.module_utils import layout
 from ansible_collections.slipway.core.plugins.module_utils import migrate as engine
 from ansible_collections.slipway.core.plugins.module_utils import postgres as pg
 from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder
+from ansible_collections.slipway.core.plugins.module_utils.hoststate import deploy_running, migrations_folder
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
-
-
-def deploy_running(app_dir):
-    """Whether a deploy holds the host's deploy lock now (its keeper holds the flock exclusively):
-    `current` may be switched before its migrations run, so a check now would see them pending."""
-    import fcntl
-
-    try:
-        fd = os.open(layout.lock_paths(app_dir)[1], os.O_RDONLY)
-    except OSError:
-        return False  # no lock file: no deploy ever ran here
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def migrations_folder(app_dir, wanted=None):
-    """The migrations folder of the release ``current`` points at (see the option's description),
-    by its real path: a deploy switching ``current`` meanwhile cannot mix two releases' files."""
-    current = layout.current_link(app_dir)
-    if not os.path.isdir(current):
-        raise MigrationError("%s does not exist: nothing is deployed to check; deploy first (invoke deploy)" % current)
-    current = os.path.realpath(current)
-    release = os.path.basename(current)
-    if not wanted:
-        try:
-            with open(layout.deploys_file(app_dir)) as handle:
-                records = [json.loads(line) for line in handle if line.strip()]
-        except (OSError, ValueError):
-            records = []
-        for record in reversed(records):
-            if record.get("result") == "ok" and record.get("release") == release and isinstance(record.get("app"), dict):
-                wanted = record["app"].get("migrations")
-                break
-    for name in ([wanted] if wanted else ["drizzle", "migrations"]):
-        folder = os.path.join(current, name)
-        if os.path.isfile(os.path.join(folder, "meta", "_journal.json")):
-            return folder
-    raise MigrationError("no drizzle migrations folder (meta/_journal.json) in release %s (looked for %s); set "
-                         "migrations in the app's slipway.yml and deploy" % (release, wanted or "drizzle/, migrations/"))
 
 
 def folder_content(folder):

@@ -1,0 +1,221 @@
+# -*- coding: utf-8 -*-
+# Copyright: slipway developers
+# MIT License
+"""Read-only views of a host's deploy state, shared by the modules that look without changing
+anything (pg_drift, app_state): the release ``current`` points at and the one before, the deploy
+records, the deploy lock, the app's error log and PM2's own log since a time, the last verified
+backup. Nothing here writes, and nothing waits for a lock."""
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import fcntl
+import json
+import os
+import re
+import time
+
+from ansible_collections.slipway.core.plugins.module_utils import layout
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text
+
+LOG_BYTES = 1024 * 1024  # the tail of each app log read
+LOG_LINES = 200  # lines kept per log
+RECORD_KEYS = ("run_id", "finished", "release", "previous", "switched_from", "result", "failure", "backup",
+               "migrations_applied", "rolled_back", "rolled_back_to", "stopped", "took_over")
+LOCK_KEYS = ("run_id", "command", "started", "user", "controller", "host", "keeper_pid", "heartbeat")
+
+
+def deploy_running(app_dir):
+    """Whether a deploy holds the host's deploy lock now (its keeper holds the flock exclusively):
+    `current` may be switched before its migrations run. A shared lock tried without waiting, and
+    let go at once: never in a deploy's way."""
+    try:
+        fd = os.open(layout.lock_paths(app_dir)[1], os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no deploy ever ran here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def deploy_records(app_dir, last=None):
+    """The records of finished deploys (deploys.jsonl), oldest first; ``last``: only so many."""
+    try:
+        with open(layout.deploys_file(app_dir)) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict):
+            records.append(item)
+    return records[-last:] if last else records
+
+
+def migrations_folder(app_dir, wanted=None):
+    """The migrations folder of the release ``current`` points at, by its real path (a deploy
+    switching ``current`` meanwhile cannot mix two releases' files): ``wanted``, else the one the
+    host's last successful deploy of that release recorded (its slipway.yml), else ``drizzle``,
+    else ``migrations``."""
+    current = layout.current_link(app_dir)
+    if not os.path.isdir(current):
+        raise MigrationError("%s does not exist: nothing is deployed to check; deploy first (invoke deploy)" % current)
+    current = os.path.realpath(current)
+    release = os.path.basename(current)
+    if not wanted:
+        for record in reversed(deploy_records(app_dir)):
+            if record.get("result") == "ok" and record.get("release") == release and isinstance(record.get("app"), dict):
+                wanted = record["app"].get("migrations")
+                break
+    for name in ([wanted] if wanted else ["drizzle", "migrations"]):
+        folder = os.path.join(current, name)
+        if os.path.isfile(os.path.join(folder, "meta", "_journal.json")):
+            return folder
+    raise MigrationError("no drizzle migrations folder (meta/_journal.json) in release %s (looked for %s); set "
+                         "migrations in the app's slipway.yml and deploy" % (release, wanted or "drizzle/, migrations/"))
+
+
+def releases(app_dir):
+    """``{current, current_since, previous, installed}``: the release ``current`` points at and
+    since when (the link's own mtime), the one before it (the last successful deploy's record,
+    else the newest other installed release) and the installed releases, newest first."""
+    link = layout.current_link(app_dir)
+    out = {"current": None, "current_since": None, "previous": None, "installed": []}
+    try:
+        out["current"] = os.path.basename(os.readlink(link).rstrip("/"))
+        out["current_since"] = os.lstat(link).st_mtime
+    except OSError:
+        pass
+    base = layout.releases_dir(app_dir)
+    try:
+        names = [n for n in os.listdir(base) if not n.startswith(".")]
+    except OSError:
+        names = []
+    installed = []
+    for name in names:
+        marker = layout.built_marker(os.path.join(base, name))
+        try:
+            installed.append((os.stat(marker).st_mtime, name))
+        except OSError:
+            continue
+    out["installed"] = [n for _, n in sorted(installed, reverse=True)]
+    for record in reversed(deploy_records(app_dir)):
+        if record.get("result") == "ok" and record.get("release") == out["current"]:
+            out["previous"] = record.get("switched_from") or record.get("previous")
+            break
+    if out["previous"] is None:
+        others = [n for n in out["installed"] if n != out["current"]]
+        out["previous"] = others[0] if others else None
+    return out
+
+
+def lock(app_dir):
+    """``{held, meta}`` of the deploy lock (``meta``: the holder's run id, command, start; or
+    what a run that ended without releasing left)."""
+    _, _, meta_path = layout.lock_paths(app_dir)
+    meta = None
+    try:
+        with open(meta_path) as handle:
+            data = json.load(handle)
+        if isinstance(data, dict):
+            meta = redact_mapping({k: data[k] for k in LOCK_KEYS if k in data})
+    except (OSError, ValueError):
+        pass
+    held = deploy_running(app_dir)
+    return {"held": held, "meta": meta, "stale": bool(meta) and not held}
+
+
+_PM2_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:?\d\d)?:?\s")
+
+
+def _line_time(line):
+    m = _PM2_TIME.match(line)
+    if not m:
+        return None
+    from ansible_collections.slipway.core.plugins.module_utils.pglog import parse_time
+
+    zone = m.group(2) or ""
+    return parse_time(m.group(1) + (" " + zone if zone else ""))
+
+
+def read_since(path, since_epoch, known=(), match=None, keep=LOG_LINES):
+    """``{path, lines, timed}``: the lines of ``path`` written at or after ``since_epoch``, newest
+    ``keep``, redacted. A line with no time of its own (a stack frame) goes with the line before;
+    a file with no times at all counts when it was modified since then (its last lines).
+    ``match``: keep only lines containing it (and their untimed followers)."""
+    from ansible_collections.slipway.core.plugins.module_utils.pglog import tail_lines
+
+    out = {"path": path, "lines": [], "timed": False, "error": None}
+    try:
+        if since_epoch is not None and os.stat(path).st_mtime < since_epoch:
+            return out
+        lines = tail_lines(path, LOG_BYTES)
+    except OSError as exc:
+        out["error"] = "%s: %s" % (path, exc.strerror or exc)
+        return out
+    keep_current = match is None
+    kept = []
+    for line in lines:
+        when = _line_time(line)
+        if when is not None:
+            out["timed"] = True
+            keep_current = (since_epoch is None or when >= since_epoch) and (match is None or match in line)
+        elif not out["timed"]:  # no time yet: the file's mtime said it was written since
+            keep_current = match is None or match in line
+        if keep_current:
+            kept.append(redact_text(line[:2000], known=known))
+    out["lines"] = kept[-keep:]
+    return out
+
+
+def last_backup(backup_dir):
+    """``{count, last}``: the verified backups the manifest lists (pg_backup adds an entry only
+    after the dump was verified) and the newest of them."""
+    from ansible_collections.slipway.core.plugins.module_utils.backup import read_manifest
+
+    try:
+        entries = read_manifest(backup_dir) or []
+    except Exception as exc:  # noqa: BLE001 - an unreadable manifest is reported, not raised
+        return {"count": None, "last": None, "error": redact_text(str(exc))[:300]}
+    entries = [e for e in entries if isinstance(e, dict)]
+    entries.sort(key=lambda e: str(e.get("created") or ""))
+    last = entries[-1] if entries else None
+    if last is not None:
+        last = {k: last.get(k) for k in ("id", "created", "size", "release", "reason", "db")}
+    return {"count": len(entries), "last": last, "error": None}
+
+
+def env_file_values(path):
+    """``{KEY: value}`` of a dotenv file (simple KEY=value lines, quotes taken off); {} if unreadable."""
+    values = {}
+    try:
+        with open(path) as handle:
+            text = handle.read()
+    except OSError:
+        return values
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip()
+        if key.startswith("export "):
+            key = key[7:].strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in ("'", '"'):
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def now():
+    return time.time()
