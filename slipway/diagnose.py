@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import SlipwayError
+from .status import _epoch, age
 
 HEALTHY, CAUSE, COULD_NOT_LOOK = 0, 1, 3
 # rank of each cause (lower first): the app down or unreachable, then errors it meets now, then
@@ -191,11 +192,18 @@ class Diagnosis:
         self.causes: list[dict] = []
         self.notes: list[str] = []
         self.explained: set[str] = set()  # migration tags a cause already names
+        self.resolved: list[str] = []  # errors whose object exists now (fixed since they were logged)
         self.index = None
         self.drift = None
         release = state.get("release") or {}
         self.current = release.get("current")
         self.cutoff = release.get("current_since")
+        for record in state.get("deploys") or []:  # a deploy that migrated or switched: errors before it met the old state
+            if record.get("result") == "ok" and (record.get("migrations_applied") or record.get("switched_from")):
+
+                when = _epoch(record.get("finished"))
+                if when and (self.cutoff is None or when > self.cutoff):
+                    self.cutoff = when
         self.app = state.get("app_name") or "the app"
         logs = state.get("logs") or {}
         self.pg_records, self.earlier = [], 0
@@ -204,16 +212,20 @@ class Diagnosis:
                 self.earlier += 1
             else:
                 self.pg_records.append(rec)
-        self.app_lines = []
-        for f in logs.get("app") or []:
-            self.app_lines += [(f["path"], line) for line in f.get("lines", []) if self._after_cutoff(line)]
-        self.pm2_lines = [line for line in (logs.get("pm2") or {}).get("lines", []) if self._after_cutoff(line)]
+        self.app_lines, seen = [], set()
+        for f in logs.get("app") or []:  # the error log first, then the combined one: each line once
+            for line, when in self._timed(f):
+                if line not in seen and not (self.cutoff and when is not None and when < self.cutoff):
+                    seen.add(line)
+                    self.app_lines.append((f["path"], line))
+        self.pm2_lines = [line for line, when in self._timed(logs.get("pm2") or {})
+                          if not (self.cutoff and when is not None and when < self.cutoff)]
 
-    def _after_cutoff(self, line: str) -> bool:
-        from ansible_collections.slipway.core.plugins.module_utils.hoststate import _line_time
-
-        when = _line_time(line)
-        return not (self.cutoff and when is not None and when < self.cutoff)
+    @staticmethod
+    def _timed(read: dict) -> list[tuple[str, float | None]]:
+        lines = read.get("lines") or []
+        times = read.get("times") or []
+        return list(zip(lines, times if len(times) == len(lines) else [None] * len(lines), strict=True))
 
     def add(self, kind: str, code: str, title: str, why: str, evidence: list[str], fix: str, **extra) -> None:
         self.causes.append({"kind": kind, "code": code, "title": title, "why": why,
@@ -264,6 +276,7 @@ class Diagnosis:
 
     # -- rules ------------------------------------------------------------------------------
     def run(self) -> None:
+        self.evaluate_drift()
         for rule in (self.database, self.pm2, self.health, self.release, self.sql_errors, self.migration_timeouts,
                      self.drift_findings, self.migrations, self.last_deploy):
             rule()
@@ -276,9 +289,10 @@ class Diagnosis:
         elif lock.get("stale"):
             self.notes.append(f"the deploy lock's metadata was left by run {meta.get('run_id', '?')} (it ended without releasing); "
                               "the next deploy takes it over")
+        self.notes += self.resolved
         if self.earlier:
-            self.notes.append(f"{self.earlier} PostgreSQL error line(s) of the last {self.since}s came before release "
-                              f"{self.current} went live and are not counted")
+            self.notes.append(f"{self.earlier} PostgreSQL error line(s) of the last {age(self.since)} came before the last deploy "
+                              f"that switched the release or migrated, and are not counted")
         pg = (self.state.get("logs") or {}).get("pg") or {}
         self.notes += pg.get("notes") or []
         if pg.get("error"):
@@ -407,6 +421,11 @@ class Diagnosis:
             code = rec.get("sqlstate")
             if code in (None, "28P01", "3D000", "28000", "55P03", "57014"):
                 continue
+            if code in ("57P01", "57P02", "57P03") and (self.state.get("health") or {}).get("status") == \
+                    (self.state.get("health") or {}).get("expected"):
+                self.notes.append(f"{_pg_line(rec)}: the server ended or refused the app's connections then (a restart or "
+                                  "pg_terminate_backend); the app answers its health check now")
+                continue
             key = (code, rec.get("message"))
             groups.setdefault(key, []).append(rec)
         for (code, message), recs in groups.items():
@@ -418,6 +437,8 @@ class Diagnosis:
                 evidence.append(f"  DETAIL: {_short(last['detail'])}")
             evidence += self.app_evidence(code, (message or "")[:40], limit=2)
             n = len(recs)
+            if code in SCHEMA_CODES and self.resolved_error(code, message, last, n):
+                continue
             if code == "42P10":
                 target = on_conflict_target(last.get("statement"))
                 if target:
@@ -500,6 +521,30 @@ class Diagnosis:
                 self.add("sql-other", code or "?", f"PostgreSQL error {code}: {_short(message, 100)}", "no rule of diagnose for this code",
                          evidence, "see the statement and the app's log", count=n)
 
+    def resolved_error(self, code: str, message: str | None, last: dict, n: int) -> bool:
+        """A schema error whose object the live schema has now: a note, not a cause."""
+        table = None
+        if code == "42P10":
+            target = on_conflict_target(last.get("statement"))
+            table = target[0] if target else None
+            made = self.creator(("unique", *target)) if target else None
+        elif code == "42P01":
+            m = re.search(r'relation "([^"]+)"', message or "")
+            table = m.group(1).split(".")[-1] if m else None
+            made = self.creator(("table", table)) if table else None
+        elif code == "42703":
+            m = re.search(r'column "([^"]+)" of relation "([^"]+)"', message or "")
+            table = m.group(2) if m else None
+            made = self.creator(("column", table, m.group(1))) if m else None
+        else:
+            return False
+        if made is None or self.status_of(made[0]) != "applied" or not self.exists_now(table):
+            return False
+        self.explained.add(made[0])
+        self.resolved.append(f"{n} {code} line(s) ({_short(message, 80)}), last {last.get('time')}: fixed since - "
+                             f"{made[0]} is applied and the drift check finds {table} as its migrations make it")
+        return True
+
     def migration_timeouts(self) -> None:
         recs = [r for r in self.pg_records if r.get("sqlstate") in ("55P03", "57014")]
         deploys = self.state.get("deploys") or []
@@ -522,7 +567,7 @@ class Diagnosis:
                      [_pg_line(last, len(recs))] + ([f"  STATEMENT: {_short(last['statement'])}"] if last.get("statement") else []),
                      "find what blocks them (pg_stat_activity, pg_locks) or raise the app's timeout", count=len(recs))
 
-    def drift_findings(self) -> None:
+    def evaluate_drift(self) -> None:
         read = self.drift_read
         if not read:
             return
@@ -535,6 +580,17 @@ class Diagnosis:
             self.drift = evaluate(read)
         except Exception as exc:  # noqa: BLE001 - the shadow's, psycopg's: one note, the diagnosis goes on
             self.notes.append(f"drift check not made: {type(exc).__name__}: {_short(exc, 200)}")
+
+    def exists_now(self, table: str | None) -> bool:
+        """Whether the drift check ran and finds nothing missing or different on ``table``: the
+        object an error lacked was made since (the migration applied, or a fix)."""
+        if self.drift is None or not table:
+            return False
+        return not any(f["kind"] != "migration" and table in ((f.get("object") or {}).get("table"), (f.get("object") or {}).get("name"))
+                       for f in self.drift["findings"])
+
+    def drift_findings(self) -> None:
+        if self.drift is None:
             return
         schema = [f for f in self.drift["findings"] if f["kind"] != "migration"
                   and (f.get("migration") or {}).get("tag") not in self.explained]
@@ -590,7 +646,7 @@ class Diagnosis:
                 "pg_log": {"path": (logs.get("pg") or {}).get("path"), "format": (logs.get("pg") or {}).get("format"),
                            "errors": len(self.pg_records),
                            "log_line_prefix": (db.get("settings") or {}).get("log_line_prefix")},
-                "app_error_lines": len(self.app_lines),
+                "app_log_lines": len(self.app_lines),
                 "drift": None if self.drift is None else {"exit": self.drift["exit"], "findings": len(self.drift["findings"])}}
 
 
@@ -632,7 +688,7 @@ def render(result: dict, since_text: str) -> list[str]:
         mig = f["migrations"] or {}
         head = (f"release {f['release']}; PM2 {pm2['online']}/{pm2['total']} online; health {f['health'] or '-'}; "
                 f"database {f['db']}; migrations {mig.get('applied', '?')} applied, {mig.get('pending', '?')} pending; "
-                f"since {since_text}: {f['pg_log']['errors']} PostgreSQL error line(s), {f['app_error_lines']} app error line(s)")
+                f"since {since_text}: {f['pg_log']['errors']} PostgreSQL error line(s), {f['app_log_lines']} app log line(s)")
         if not info["causes"]:
             lines.append(f"{name}: healthy - {head}")
         else:

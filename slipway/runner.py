@@ -159,20 +159,36 @@ def run_read_only(playbook: str, hosts: list[str], extravars: dict, key: str) ->
     from concurrent.futures import ThreadPoolExecutor
 
     from . import runtime as rt
-    from .remote import close_all, probe_pythons
+    from .inventory import host_vars
+    from .remote import connect, probe_python, ssh_params
+
+    def said(exc: BaseException) -> str:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+
+    # the inventory is read here, one host after another (Ansible's loaders are not thread-safe);
+    # only the SSH connections and probes run side by side
+    settings, failures = {}, {}
+    for name in hosts:
+        try:
+            settings[name] = (ssh_params(name), host_vars(name))
+        except Exception as exc:  # noqa: BLE001 - a host's own inventory error: that host's failure
+            failures[name] = said(exc)
 
     def probe(name):
+        params, hv = settings[name]
         try:
-            found, conns = probe_pythons([name])
-            close_all(conns)
-            return name, found[name], None
+            conn = connect(name, params)
+            try:
+                return name, probe_python(name, conn, hv), None
+            finally:
+                conn.close()
         except Exception as exc:  # noqa: BLE001 - SSH's, the probe's: one line for that host
-            said = str(exc).strip()
-            return name, None, said.splitlines()[0] if said else type(exc).__name__
+            return name, None, said(exc)
 
-    pythons, failures = {}, {}
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(hosts)))) as pool:
-        for name, found, why in pool.map(probe, hosts):
+    pythons = {}
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(settings)))) as pool:
+        for name, found, why in pool.map(probe, list(settings)):
             if why is None:
                 pythons[name] = found
             else:

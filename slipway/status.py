@@ -201,7 +201,9 @@ def render_table(status: dict, out=sys.stdout) -> None:
             table.add_row(doc["environment"], name, f"could not read: {c['error']}", *[""] * (len(COLUMNS) - 1))
         else:
             table.add_row(doc["environment"], name, *[c[key] for key, _ in COLUMNS])
-    Console(file=out, width=max(160, Console(file=out).width), soft_wrap=False).print(table)
+    console = Console(file=out)
+    # a terminal wraps cells to its width; a pipe or file gets one line per host (grep, diff, mail)
+    (console if console.is_terminal else Console(file=out, width=260)).print(table)
 
 
 _CSS = """

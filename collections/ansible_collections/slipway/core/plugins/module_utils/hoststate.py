@@ -163,17 +163,20 @@ def read_since(path, since_epoch, known=(), match=None, keep=LOG_LINES):
         out["error"] = "%s: %s" % (path, exc.strerror or exc)
         return out
     keep_current = match is None
-    kept = []
+    kept, times, when_last = [], [], None
     for line in lines:
         when = _line_time(line)
         if when is not None:
             out["timed"] = True
+            when_last = when
             keep_current = (since_epoch is None or when >= since_epoch) and (match is None or match in line)
         elif not out["timed"]:  # no time yet: the file's mtime said it was written since
             keep_current = match is None or match in line
         if keep_current:
             kept.append(redact_text(line[:2000], known=known))
+            times.append(when_last)  # a line without a time of its own: the time of the line before it
     out["lines"] = kept[-keep:]
+    out["times"] = times[-keep:]
     return out
 
 

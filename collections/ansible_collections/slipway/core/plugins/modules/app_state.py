@@ -187,7 +187,7 @@ def pm2_state(module, pm2_home, app_name, pm2_bin):
             "restarts": int(p.get("restart_time") or 0), "unstable_restarts": int(p.get("unstable_restarts") or 0),
             "uptime_seconds": uptime, "memory": p.get("memory"), "release": p.get("release"), "cwd": p.get("pm_cwd"),
             "exit_code": p.get("exit_code"), "max_memory_restart": p.get("max_memory_restart"),
-            "err_log": p.get("pm_err_log_path"),
+            "err_log": p.get("pm_err_log_path"), "log": p.get("pm_log_path"),
         })
     return out
 
@@ -298,16 +298,18 @@ def read_logs(p, db, processes, since_epoch, known):
             logs["pg"]["error"] = "cannot read %s: %s; make it readable by this user (e.g. its group) or set " \
                                   "slipway_pg_log" % (path, exc.strerror or exc)
     files = []
-    for proc in processes:
-        if proc.get("err_log") and proc["err_log"] not in files and proc["err_log"] != "/dev/null":
-            files.append(proc["err_log"])
+    for proc in processes:  # the error log, and the combined log (where PM2 puts a worker's crash at start)
+        for path in (proc.get("err_log"), proc.get("log")):
+            if path and path not in files and path != "/dev/null":
+                files.append(path)
     for extra in p["app_logs"] or ():
         if extra not in files:
             files.append(extra)
     if not files:  # no process to ask: the app dir's logs/ as slipway lays it out
         logs_dir = layout.logs_dir(p["app_dir"])
         try:
-            files = [os.path.join(logs_dir, n) for n in sorted(os.listdir(logs_dir)) if "err" in n and n.endswith(".log")]
+            files = [os.path.join(logs_dir, n) for n in sorted(os.listdir(logs_dir))
+                     if ("err" in n or "combined" in n) and n.endswith(".log")]
         except OSError:
             files = []
     logs["app"] = [hoststate.read_since(f, since_epoch, known=known) for f in files]
