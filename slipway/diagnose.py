@@ -124,29 +124,97 @@ def statement_objects(stmt) -> list[tuple]:
     return out
 
 
-def migration_index(content: dict) -> dict:
-    """``{object: (tag, statement text)}`` for the objects the migrations create (the first
-    migration that creates each), from the files pg_drift read (``migrations_content``)."""
-    from ansible_collections.slipway.core.plugins.module_utils.drizzle import read_folder
+def index_folder(folder: dict) -> dict:
+    """``{object: (tag, statement text)}`` for the objects a migrations folder (read_folder's
+    result) creates, each named by the first migration that creates it."""
     from pglast import parse_sql
 
-    from .drift import _folder
-
     index: dict = {}
-    if not content:
-        return index
-    with tempfile.TemporaryDirectory(prefix="slipway-diagnose-") as tmp:
-        folder = _folder(content, Path(tmp)) if "meta/_journal.json" in content else read_folder(tmp)
     for mig in folder["migrations"]:
         for text in mig["statements"]:
             try:
                 parsed = parse_sql(text)
             except Exception:  # noqa: BLE001 - a statement pglast cannot read names nothing
                 continue
-            for raw in parsed or ():
-                for obj in statement_objects(raw.stmt):
-                    index.setdefault(obj, (mig["tag"], " ".join(text.split())[:200]))
+            made = (mig["tag"], " ".join(text.split())[:200])
+            for stmt in _with_do_bodies([raw.stmt for raw in parsed or ()]):
+                for obj in statement_objects(stmt) + renamed(index, stmt):
+                    index.setdefault(obj, made)
     return index
+
+
+def _with_do_bodies(stmts: list) -> list:
+    """``stmts`` with each DO block replaced by the SQL statements of its PL/pgSQL body (public
+    histories guard their DDL with ``DO $$ BEGIN IF NOT EXISTS ... THEN ALTER TABLE ...``)."""
+    import pglast
+    from pglast import ast
+
+    out = []
+    for stmt in stmts:
+        if not isinstance(stmt, ast.DoStmt):
+            out.append(stmt)
+            continue
+        body = next((a.arg.sval for a in stmt.args or () if a.defname == "as"), None)
+        language = next((a.arg.sval for a in stmt.args or () if a.defname == "language"), "plpgsql")
+        if not body or language != "plpgsql":
+            continue
+        try:
+            tree = pglast.parse_plpgsql(f"CREATE FUNCTION slipway_do() RETURNS void LANGUAGE plpgsql AS $slipway_do${body}$slipway_do$")
+        except Exception:  # noqa: BLE001 - a body pglast cannot read names nothing
+            continue
+        queries: list[str] = []
+        _execsql(tree, queries)
+        for query in queries:
+            try:
+                out += [raw.stmt for raw in pglast.parse_sql(query) or ()]
+            except Exception:  # noqa: BLE001
+                continue
+    return out
+
+
+def _execsql(node, found: list) -> None:
+    """The SQL text of every PLpgSQL_stmt_execsql in a parse_plpgsql tree."""
+    if isinstance(node, dict):
+        if "PLpgSQL_stmt_execsql" in node:
+            query = (((node["PLpgSQL_stmt_execsql"] or {}).get("sqlstmt") or {}).get("PLpgSQL_expr") or {}).get("query")
+            if query:
+                found.append(query)
+        for value in node.values():
+            _execsql(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _execsql(value, found)
+
+
+def renamed(index: dict, stmt) -> list[tuple]:
+    """What an ALTER TABLE ... RENAME [COLUMN] makes of the objects made before it: the table's
+    columns and unique keys under the new name (drizzle-kit rebuilds a table as ``x_temp`` and
+    renames it)."""
+    from pglast import ast, enums
+
+    if not isinstance(stmt, ast.RenameStmt) or stmt.relation is None or not stmt.newname:
+        return []
+    old = stmt.relation.relname
+    out = []
+    if stmt.renameType == enums.ObjectType.OBJECT_TABLE:
+        for obj in list(index):
+            if obj[0] in ("column", "unique") and obj[1] == old:
+                out.append((obj[0], stmt.newname, *obj[2:]))
+    elif stmt.renameType == enums.ObjectType.OBJECT_COLUMN and stmt.subname:
+        for obj in list(index):
+            if obj[0] == "unique" and obj[1] == old and stmt.subname in obj[2]:
+                out.append(("unique", old, tuple(sorted(stmt.newname if c == stmt.subname else c for c in obj[2]))))
+    return out
+
+
+def migration_index(content: dict) -> dict:
+    """index_folder of the files pg_drift read from the host (``migrations_content``)."""
+    from .drift import _folder
+
+    if not content or "meta/_journal.json" not in content:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="slipway-diagnose-") as tmp:
+        return index_folder(_folder(content, Path(tmp)))
 
 
 def on_conflict_target(statement: str | None) -> tuple[str, tuple] | None:

@@ -17,6 +17,7 @@ from migtools import MIGRATIONS, T0007, TAGS
 from test_corpus import CORPUS, SETS, missing_extensions
 
 from slipway import migrations as mig
+from slipway.diagnose import index_folder
 
 UNIQUE = "book_view_statistics_book_id_view_type_unique"
 
@@ -164,9 +165,36 @@ def test_public_histories_applied_by_slipway_show_no_drift(pgc, name):
         folder = drizzle.read_folder(str(src))
         result = check(pgc, db, folder)
         assert [f for f in result["findings"] if f["kind"] != "migration"] == [], result["findings"][:5]
+        # invoke diagnose names the migration that makes a table or unique key an error lacks: every live
+        # one of this history must be found in its statements by that index (pglast) as PostgreSQL made it
+        made = index_folder(folder)
+        with pgc.connect(db) as conn:
+            tables, uniques = live_tables_and_uniques(conn)
+        assert sorted(t for t in tables if ("table", t) not in made) == []
+        assert sorted(u for u in uniques if ("unique", *u) not in made) == []
     finally:
         with pgc.connect("postgres") as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def live_tables_and_uniques(conn) -> tuple[set, set]:
+    """The app's tables, and their unique keys on plain columns (no predicate, no expression), as
+    (table, sorted columns), from the catalogs."""
+    where = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'drizzle') AND n.nspname NOT LIKE 'pg_toast%'"
+    tables = {r[0] for r in conn.execute(
+        f"SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+        f"AND {where} AND NOT c.relispartition AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid "
+        "AND d.deptype = 'e')")}
+    uniques = set()
+    for table, cols in conn.execute(
+            "SELECT c.relname, array_agg(a.attname::text ORDER BY a.attname) FROM pg_index i "
+            "JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey) "
+            f"WHERE i.indisunique AND i.indpred IS NULL AND NOT (0 = ANY(i.indkey)) AND {where} "
+            "GROUP BY i.indexrelid, c.relname"):
+        if table in tables:
+            uniques.add((table, tuple(sorted(cols))))
+    return tables, uniques
 
 
 def test_the_reference_app_is_where_the_tests_expect_it():
