@@ -181,6 +181,7 @@ def _records_stderr(lines, settings):
                 key = level.lower()
                 owner[key] = text if not owner.get(key) else owner[key] + "\n" + text
                 owner["_field"] = key
+                last = owner  # a line that continues this one belongs to it
             continue
         rec = {"level": level, "message": text, "sqlstate": fields.get("sqlstate"), "pid": pid,
                "user": fields.get("user"), "db": fields.get("db"), "app": fields.get("app"), "_field": "message",
