@@ -225,13 +225,16 @@ def host_key(name: str) -> str:
 
 
 def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: str | None = None,
-          out=sys.stdout, fix_safe: bool = False, include: str | None = None) -> int:
-    """Check, print (or one JSON document), write ``metrics``, POST to ``notify`` what changed;
-    returns the exit code."""
+          out=sys.stdout, fix_safe: bool = False, include: str | None = None, html: str | None = None) -> int:
+    """Check, print (or one JSON document), write ``metrics``, POST to ``notify`` what changed,
+    refresh the status page ``html`` (invoke status --html); returns the exit code."""
     from . import alerts
+    from .status import check_html_path
 
     notify = notify or os.environ.get("SLIPWAY_DRIFT_NOTIFY") or None  # a scheduled check's (drift.schedule)
     alerts.check_options(notify, metrics)
+    if html:
+        check_html_path(html)
     extra = tuple(name.strip() for name in (include or "").split(",") if name.strip())
     bad = [name for name in extra if name not in ("grants", "comments")]
     if bad:
@@ -244,6 +247,10 @@ def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: 
     alerts.record_last(checked, {h: host_key(h) for h in checked})  # for invoke status
     if metrics:
         alerts.write_metrics(metrics, checked)
+    if html:  # after record_last: the page shows this check
+        from .status import collect, write_html
+
+        write_html(html, collect(host, False))
     sent = None
     if notify:
         sent = alerts.notify(notify, checked, {h: host_key(h) for h in checked},
@@ -261,6 +268,8 @@ def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: 
               file=out)
     if metrics:
         print(f"metrics: {metrics}", file=out)
+    if html:
+        print(f"status page: {html}", file=out)
     print(f"\n{STATE[code]}: drift check of {', '.join(checked)}", file=out)
     return code
 
@@ -295,7 +304,8 @@ def _schedule_files(host: str) -> tuple[str, Path, Path, Path, Path]:
             where / f"schedule-{tag}.sh", where / f"{tag}.log", where / f"{tag}.lock", where)
 
 
-def schedule_script(host: str, log: Path, lock: Path, notify: str | None, metrics: str | None) -> str:
+def schedule_script(host: str, log: Path, lock: Path, notify: str | None, metrics: str | None,
+                    html: str | None = None) -> str:
     """The job cron runs: the log rotated past 1 MiB, one run at a time (flock), the check."""
     from .paths import ROOT
 
@@ -305,7 +315,7 @@ def schedule_script(host: str, log: Path, lock: Path, notify: str | None, metric
             if os.environ.get(k)}
     if notify:
         keep["SLIPWAY_DRIFT_NOTIFY"] = notify  # in this 0700 file, never on a command line
-    args = ["drift", "--host", host] + (["--metrics", metrics] if metrics else [])
+    args = ["drift", "--host", host] + (["--metrics", metrics] if metrics else []) + (["--html", html] if html else [])
     lines = ["#!/bin/sh",
              "# written by `invoke drift.schedule` (slipway); removed by `invoke drift.unschedule`",
              f"log={shlex.quote(str(log))}",
@@ -325,7 +335,8 @@ def schedule_script(host: str, log: Path, lock: Path, notify: str | None, metric
     return "\n".join(lines)
 
 
-def schedule(host: str, every: str, notify: str | None = None, metrics: str | None = None, out=sys.stdout) -> int:
+def schedule(host: str, every: str, notify: str | None = None, metrics: str | None = None, out=sys.stdout,
+             html: str | None = None) -> int:
     """Install the drift check of ``host`` in this user's crontab (ansible.builtin.cron)."""
     from .alerts import check_options
     from .files import write_private
@@ -335,8 +346,12 @@ def schedule(host: str, every: str, notify: str | None = None, metrics: str | No
     resolve_target(host)
     minute, hour = cron_times(every)
     check_options(notify, metrics)
+    if html:
+        from .status import check_html_path
+
+        html = str(check_html_path(html).resolve())  # cron runs it from the checkout
     name, script, log, lock, _ = _schedule_files(host)
-    write_private(script, schedule_script(host, log, lock, notify, metrics), 0o700)
+    write_private(script, schedule_script(host, log, lock, notify, metrics, html), 0o700)
     result = run_playbook("drift_schedule.yml", "localhost", {
         "drift_schedule_name": name, "drift_schedule_state": "present", "drift_schedule_script": str(script),
         "drift_schedule_minute": minute, "drift_schedule_hour": hour}, local=True)
@@ -345,7 +360,7 @@ def schedule(host: str, every: str, notify: str | None = None, metrics: str | No
                            "check that crontab works for this user")
     print(f"scheduled: invoke drift --host {host} at cron '{minute} {hour} * * *' (every {every}), one run at a time; "
           f"log {log} (rotated past 1 MiB){'; alerts to the webhook on a change' if notify else ''}"
-          f"{'; metrics ' + metrics if metrics else ''}; remove with invoke drift.unschedule --host {host}", file=out)
+          f"{'; metrics ' + metrics if metrics else ''}{'; status page ' + html if html else ''}; remove with invoke drift.unschedule --host {host}", file=out)
     return 0
 
 

@@ -190,20 +190,21 @@ def render_table(status: dict, out=sys.stdout) -> None:
     from rich.table import Table
 
     now = time.time()
-    table = Table(title=f"slipway status - {status['generated']} ({status['seconds']}s)", show_lines=True)
-    table.add_column("env")
-    table.add_column("host")
+    console = Console(file=out)
+    # a terminal wraps cells to its width; a pipe or a file gets one line per host (grep, diff, mail)
+    wrap = console.is_terminal
+    table = Table(title=f"slipway status - {status['generated']} ({status['seconds']}s)", show_lines=wrap)
+    table.add_column("env", no_wrap=not wrap)
+    table.add_column("host", no_wrap=not wrap)
     for _, title in COLUMNS:
-        table.add_column(title)
+        table.add_column(title, no_wrap=not wrap)
     for name, doc in sorted(status["hosts"].items(), key=lambda kv: (kv[1]["environment"], kv[0])):
         c = cells(doc, now)
         if "error" in c:
             table.add_row(doc["environment"], name, f"could not read: {c['error']}", *[""] * (len(COLUMNS) - 1))
         else:
             table.add_row(doc["environment"], name, *[c[key] for key, _ in COLUMNS])
-    console = Console(file=out)
-    # a terminal wraps cells to its width; a pipe or file gets one line per host (grep, diff, mail)
-    (console if console.is_terminal else Console(file=out, width=260)).print(table)
+    (console if wrap else Console(file=out, width=400)).print(table)
 
 
 _CSS = """

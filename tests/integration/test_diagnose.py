@@ -131,9 +131,14 @@ def test_the_incident_is_diagnosed_as_42p10_with_its_table_migration_and_fix(hos
 
 def test_status_of_an_incident_host_and_a_healthy_one(hosts, tmp_path):
     invoke("deploy", "--host", "sandbox-2", expect=0, timeout=600)
-    invoke("drift", "--host", "sandboxes", expect=1)  # records each host's last check: WARNING and OK
-    before = {n: snapshot(hosts, n) for n in ("sandbox", "sandbox-2")}
     page = tmp_path / "status.html"
+    # records each host's last check (WARNING, OK) and refreshes the page, as drift.schedule --html does
+    drifted = invoke("drift", "--host", "sandboxes", "--html", str(page), expect=1).stdout
+    assert f"status page: {page}" in drifted
+    assert 'data-host="sandbox" data-field="drift">WARNING' in page.read_text()
+    assert 'data-host="sandbox-2" data-field="drift">OK' in page.read_text()
+    page.unlink()
+    before = {n: snapshot(hosts, n) for n in ("sandbox", "sandbox-2")}
     text = invoke("status", "--all", "--html", str(page), expect=0).stdout
     doc = json.loads(invoke("status", "--all", "--json", expect=0).stdout)
     assert {n: snapshot(hosts, n) for n in ("sandbox", "sandbox-2")} == before, "invoke status changed a host"

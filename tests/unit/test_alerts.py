@@ -82,3 +82,11 @@ def test_fix_plan_rebuilds_unique_constraints_and_indexes_online_and_refuses_the
     why = {r["fingerprint"]: r["why"] for r in refused}
     assert set(why) == {"e", "f", "p"} and "never drops" in why["e"] and "NOT VALID" in why["f"]
     assert "invoke deploy" in why["p"]
+
+
+def test_a_scheduled_check_refreshes_the_status_page(tmp_path):
+    from slipway.drift import schedule_script
+
+    script = schedule_script("prod", tmp_path / "x.log", tmp_path / "x.lock", None, None, html="/srv/www/status.html")
+    assert "invoke drift --host prod --html /srv/www/status.html" in script
+    assert "--html" not in schedule_script("prod", tmp_path / "x.log", tmp_path / "x.lock", None, None)

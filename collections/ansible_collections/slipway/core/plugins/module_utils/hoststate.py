@@ -110,8 +110,10 @@ def releases(app_dir):
     out["installed"] = [n for _, n in sorted(installed, reverse=True)]
     for record in reversed(deploy_records(app_dir)):
         if record.get("result") == "ok" and record.get("release") == out["current"]:
-            out["previous"] = record.get("switched_from") or record.get("previous")
-            break
+            before = record.get("switched_from") or record.get("previous")
+            if before and before != out["current"]:  # a deploy of the same release again switched nothing
+                out["previous"] = before
+                break
     if out["previous"] is None:
         others = [n for n in out["installed"] if n != out["current"]]
         out["previous"] = others[0] if others else None
