@@ -261,6 +261,7 @@ class Diagnosis:
         self.notes: list[str] = []
         self.explained: set[str] = set()  # migration tags a cause already names
         self.resolved: list[str] = []  # errors whose object exists now (fixed since they were logged)
+        self.unread: list[str] = []  # sources that could not be read: no "healthy" without them
         self.index = None
         self.drift = None
         release = state.get("release") or {}
@@ -313,7 +314,8 @@ class Diagnosis:
 
     def creator(self, *objs) -> tuple[str, str] | None:
         if self.index is None:
-            self.index = migration_index((self.drift_read or {}).get("migrations_content") or {})
+            content = self.state.get("migrations_content") or (self.drift_read or {}).get("migrations_content") or {}
+            self.index = migration_index(content)
         for obj in objs:
             if obj in self.index:
                 return self.index[obj]
@@ -322,6 +324,9 @@ class Diagnosis:
     def migration_fix(self, made: tuple[str, str] | None, what: str) -> tuple[str, str, str | None]:
         """(why, fix, tag) for an object the app needs: the migration that makes it and its state."""
         h = self.host
+        if made is None and not self.index:
+            return (f"which migration creates {what} could not be told: the release's migration files were not read",
+                    f"invoke drift --host {h} compares the schema with the migrations", None)
         if made is None:
             return (f"no migration of release {self.current} creates {what}",
                     f"add a migration that creates {what} (drizzle-kit generate), then invoke deploy --host {h}", None)
@@ -365,6 +370,11 @@ class Diagnosis:
         self.notes += pg.get("notes") or []
         if pg.get("error"):
             self.notes.append(f"PostgreSQL log not read: {pg['error']}")
+            self.unread.append("the PostgreSQL log")
+        lc = ((self.state.get("db") or {}).get("settings") or {}).get("lc_messages") or ""
+        if lc and not re.match(r"^(?:C|POSIX|en)(?:[._@-]|$)", lc) and pg.get("format") == "stderr":
+            self.notes.append(f"lc_messages is {lc!r}: level names and messages are translated; diagnose reads "
+                              "English ones (set lc_messages = 'C' or use jsonlog)")
         for f in (self.state.get("logs") or {}).get("app") or []:
             if f.get("error"):
                 self.notes.append(f"app log not read: {f['error']}")
@@ -372,10 +382,24 @@ class Diagnosis:
     def database(self) -> None:
         db = self.state.get("db") or {}
         appdb = (self.state.get("logs") or {}).get("app_db") or {}
-        fatal = [r for r in self.pg_records if r.get("sqlstate") in ("28P01", "3D000", "28000")]
-        if not db.get("ok") and db.get("error") and not db.get("migrations"):
+        # refused logins of the app's own role and database (not a scanner's, not another app's)
+        fatal = [r for r in self.pg_records if r.get("sqlstate") in ("28P01", "3D000", "28000")
+                 and (not appdb.get("user") or not r.get("user") or r["user"] == appdb["user"])
+                 and (not appdb.get("db") or not r.get("db") or r["db"] == appdb["db"])]
+        if db.get("ok") and db.get("error"):
+            self.notes.append(f"the migration history was not read: {db['error']}")
+            self.unread.append("the migration history")
+        if not db.get("ok") and db.get("error"):
             code = db.get("sqlstate") or ""
-            if code in ("28P01", "28000", "3D000"):
+            if code in ("53300", "57P03"):
+                what = {"53300": "the database refuses new connections: every connection slot is taken",
+                        "57P03": "the database is starting up or shutting down"}[code]
+                fix = {"53300": "find who holds the connections (pg_stat_activity); raise max_connections or pool the app's "
+                                "connections (pgbouncer), then",
+                       "57P03": "wait for the server (or see why it restarts in its log), then"}[code]
+                self.add("db-unreachable", code, what, db["error"], [f"slipway's login: {db['error']}"],
+                         f"{fix} invoke diagnose --host {self.host}")
+            elif code in ("28P01", "28000", "3D000"):
                 what = {"28P01": "slipway's database login is refused: wrong password",
                         "28000": "slipway's database login is refused by pg_hba.conf or the role does not exist",
                         "3D000": "slipway's database does not exist"}[code]
@@ -397,7 +421,8 @@ class Diagnosis:
             evidence = [f"the app's DATABASE_URL (shared/.env) tried from the host: {appdb.get('error')}"]
             if lines:
                 evidence.append(_pg_line(lines[-1], len(lines)))
-            evidence += self.app_evidence("password authentication", "does not exist", "ECONNREFUSED", code or "connect")
+            evidence += self.app_evidence("password authentication", "does not exist", "ECONNREFUSED", "no pg_hba.conf",
+                                          "connection slots")
             ok_note = " (slipway's own login works)" if db.get("ok") else ""
             self.add("app-db", code or "08006", what + ok_note, appdb.get("error") or "",
                      evidence, f"set the right DATABASE_URL in the app's .env (shared/.env, or slipway_app_env in the "
@@ -425,19 +450,24 @@ class Diagnosis:
             self.add("pm2", "pm2", f"PM2 runs no process named {self.app}", "the app is not started", [],
                      f"invoke deploy --host {h}  (starts it)")
             return
-        bad = [p for p in procs if p.get("status") != "online"]
+        # PM2's statuses: online, stopping, stopped (by hand), launching, errored (gave up), waiting restart
+        stopped = [p for p in procs if p.get("status") in ("stopped", "stopping")]
+        bad = [p for p in procs if p.get("status") in ("errored", "launching", "waiting restart")]
         exits = [line for line in self.pm2_lines if re.search(r"exited with code \[(?!0\])", line)]
+        oom_pm2 = [line for line in self.pm2_lines if "max-memory-restart" in line or "max_memory_restart" in line]
         unstable = sum(p.get("unstable_restarts") or 0 for p in procs)
+        # PM2's counters add up over the app's life: only what happens now (a process down, exits or memory
+        # restarts in the window) makes an old log line of the app a cause
+        trouble = bool(bad or exits or oom_pm2)
         lines = [line for _, line in self.app_lines]
         oom = [line for line in lines if re.search(r"heap out of memory|Reached heap limit|Allocation failed", line)]
-        oom_pm2 = [line for line in self.pm2_lines if "max-memory-restart" in line or "max_memory_restart" in line]
-        if oom or oom_pm2:
+        if oom_pm2 or (oom and trouble):
             evidence = [f"app: {_short(x)}" for x in oom[-2:]] + [f"PM2: {_short(x)}" for x in oom_pm2[-2:]]
             self.add("oom", "OOM", f"{self.app} runs out of memory", "Node's heap limit was reached, or PM2's "
                      "max_memory_restart restarted it", evidence,
                      "raise the limit (node_args --max-old-space-size, max_memory_restart in the ecosystem file) or find "
                      f"the leak; invoke rollback --host {h} returns to the previous release meanwhile", count=len(oom) + len(oom_pm2))
-        eaddr = [line for line in lines if "EADDRINUSE" in line]
+        eaddr = [line for line in lines if "EADDRINUSE" in line] if trouble else []
         if eaddr:
             port = re.search(r"EADDRINUSE[^\n]*?:(\d+)\b", eaddr[-1])
             where = f"port {port.group(1)}" if port else "its port"
@@ -445,14 +475,17 @@ class Diagnosis:
                      _short(eaddr[-1]), [f"app: {_short(eaddr[-1])}"],
                      f"on the host, ss -ltnp 'sport = :{port.group(1) if port else 'PORT'}' names the process holding it; "
                      f"stop it (or change PORT), then pm2 restart {self.app}", count=len(eaddr))
-        looping = bad or unstable or len(exits) >= 3
-        if looping and not eaddr:
+        if stopped and not bad:
+            self.add("pm2", "stopped", f"{len(stopped)} of {len(procs)} {self.app} process(es) stopped",
+                     "stopped by hand (pm2 stop) or while a command ran", [f"PM2 id {p.get('pm_id')}: {p.get('status')}" for p in stopped][:3],
+                     f"pm2 start {self.app} on the host, or invoke deploy --host {h}")
+        if (bad or len(exits) >= 3) and not eaddr:
             from ansible_collections.slipway.core.plugins.module_utils.pm2 import app_error_line
 
             error_line = app_error_line(lines)
             statuses = ", ".join(sorted({f"{p.get('status')}" for p in procs}))
-            evidence = [f"PM2: {len(procs) - len(bad)}/{len(procs)} online ({statuses}); restarts "
-                        f"{sum(p.get('restarts') or 0 for p in procs)}, unstable restarts {unstable}"]
+            evidence = [f"PM2: {sum(1 for p in procs if p.get('status') == 'online')}/{len(procs)} online ({statuses}); "
+                        f"restarts {sum(p.get('restarts') or 0 for p in procs)}, unstable restarts {unstable}"]
             if error_line:
                 evidence.append(f"the app's error: {_short(error_line)}")
             evidence += [f"PM2: {_short(x)}" for x in exits[-2:]]
@@ -474,6 +507,8 @@ class Diagnosis:
                  f"see the causes below it; invoke rollback --host {self.host} returns to the previous release")
 
     def release(self) -> None:
+        if (self.state.get("lock") or {}).get("held"):
+            return  # a deploy is switching and reloading right now
         procs = [p for p in (self.state.get("pm2") or {}).get("processes") or []
                  if p.get("status") == "online" and not str(p.get("name", "")).endswith("~slipway-handover")]
         running = sorted({str(p.get("release")) for p in procs if p.get("release") and p.get("release") != self.current})
@@ -487,7 +522,7 @@ class Diagnosis:
         groups: dict = {}
         for rec in self.pg_records:
             code = rec.get("sqlstate")
-            if code in (None, "28P01", "3D000", "28000", "55P03", "57014"):
+            if code in ("28P01", "3D000", "28000", "55P03", "57014"):
                 continue
             if code in ("57P01", "57P02", "57P03") and (self.state.get("health") or {}).get("status") == \
                     (self.state.get("health") or {}).get("expected"):
@@ -585,8 +620,12 @@ class Diagnosis:
                          f"release {self.current} does not set it", evidence,
                          f"deploy a release that sets it (invoke deploy --host {self.host}), or give the column a DEFAULT in a new "
                          "migration", count=n)
+            elif code is None:
+                self.add("sql-other", "?", f"PostgreSQL error: {_short(message, 100)}",
+                         "its SQLSTATE is not in the log (log_line_prefix has no %e) and the message is not one diagnose "
+                         "knows", evidence, "see the statement and the app's log; add %e to log_line_prefix", count=n)
             else:
-                self.add("sql-other", code or "?", f"PostgreSQL error {code}: {_short(message, 100)}", "no rule of diagnose for this code",
+                self.add("sql-other", code, f"PostgreSQL error {code}: {_short(message, 100)}", "no rule of diagnose for this code",
                          evidence, "see the statement and the app's log", count=n)
 
     def resolved_error(self, code: str, message: str | None, last: dict, n: int) -> bool:
@@ -714,7 +753,7 @@ class Diagnosis:
                 "db": "ok" if db.get("ok") else (db.get("sqlstate") or "unreachable"),
                 "migrations": db.get("counts"),
                 "pg_log": {"path": (logs.get("pg") or {}).get("path"), "format": (logs.get("pg") or {}).get("format"),
-                           "errors": len(self.pg_records),
+                           "errors": len(self.pg_records), "read": "the PostgreSQL log" not in self.unread,
                            "log_line_prefix": (db.get("settings") or {}).get("log_line_prefix")},
                 "app_log_lines": len(self.app_lines),
                 "drift": None if self.drift is None else {"exit": self.drift["exit"], "findings": len(self.drift["findings"])}}
@@ -741,7 +780,9 @@ def diagnose_hosts(host: str, since: int) -> dict:
             continue
         d = Diagnosis(name, got["state"], got.get("drift"), since)
         d.run()
-        out[name] = {"exit": CAUSE if d.causes else HEALTHY, "causes": d.causes, "notes": d.notes, "facts": d.facts()}
+        # a cause found stands; "healthy" needs every source read
+        code = CAUSE if d.causes else COULD_NOT_LOOK if d.unread else HEALTHY
+        out[name] = {"exit": code, "causes": d.causes, "notes": d.notes, "facts": d.facts(), "unread": d.unread}
     for info in out.values():
         info["seconds"] = round(time.monotonic() - started, 2)
     return out
@@ -758,11 +799,15 @@ def render(result: dict, since_text: str) -> list[str]:
         mig = f["migrations"] or {}
         head = (f"release {f['release']}; PM2 {pm2['online']}/{pm2['total']} online; health {f['health'] or '-'}; "
                 f"database {f['db']}; migrations {mig.get('applied', '?')} applied, {mig.get('pending', '?')} pending; "
-                f"since {since_text}: {f['pg_log']['errors']} PostgreSQL error line(s), {f['app_log_lines']} app log line(s)")
-        if not info["causes"]:
-            lines.append(f"{name}: healthy - {head}")
-        else:
+                f"since {since_text}: "
+                + (f"{f['pg_log']['errors']} PostgreSQL error line(s)" if f["pg_log"]["read"] else "PostgreSQL log not read")
+                + f", {f['app_log_lines']} app log line(s)")
+        if info["causes"]:
             lines.append(f"{name}: {len(info['causes'])} cause(s) found - {head}")
+        elif info.get("unread"):
+            lines.append(f"{name}: no cause found, but could not look at {' and '.join(info['unread'])} - {head}")
+        else:
+            lines.append(f"{name}: healthy - {head}")
         for i, c in enumerate(info["causes"], 1):
             lines.append(f"  {i}. [{c['code']}] {c['title']}")
             if c.get("why"):

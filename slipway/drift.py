@@ -247,18 +247,25 @@ def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: 
     alerts.record_last(checked, {h: host_key(h) for h in checked})  # for invoke status
     if metrics:
         alerts.write_metrics(metrics, checked)
-    if html:  # after record_last: the page shows this check
-        from .status import collect, write_html
-
-        write_html(html, collect(host, False))
     sent = None
     if notify:
         sent = alerts.notify(notify, checked, {h: host_key(h) for h in checked},
                              {h: info.get("release") for h, info in checked.items()})
+    page_error = None
+    if html:  # after record_last (the page shows this check) and after the alert (a page that fails stops no alert)
+        from .status import collect, write_html
+
+        try:
+            write_html(html, collect(host, False), by="invoke drift")
+        except Exception as exc:  # noqa: BLE001 - the check's result stands; the page is said not refreshed
+            said = str(exc).strip().splitlines()
+            page_error = said[0] if said else type(exc).__name__
     if as_json:
         doc = {"exit": code, "state": STATE[code], "hosts": checked}
         if sent is not None:
             doc["notified"] = sent
+        if html:
+            doc["status_page"] = {"path": html, "refreshed": page_error is None, "error": page_error}
         print(json.dumps(doc, indent=2, sort_keys=True, default=str), file=out)
         return code
     for line in render(checked):
@@ -269,7 +276,7 @@ def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: 
     if metrics:
         print(f"metrics: {metrics}", file=out)
     if html:
-        print(f"status page: {html}", file=out)
+        print(f"status page: {html}" if page_error is None else f"status page not refreshed: {page_error}", file=out)
     print(f"\n{STATE[code]}: drift check of {', '.join(checked)}", file=out)
     return code
 

@@ -32,15 +32,9 @@ def _files(app_dir: str, run_id: str) -> dict:
 
 
 def _lines(text: str) -> list[dict]:
-    out = []
-    for line in text.splitlines():
-        try:
-            item = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(item, dict):
-            out.append(item)
-    return out
+    from ansible_collections.slipway.core.plugins.module_utils.hoststate import json_objects
+
+    return json_objects(text.splitlines())
 
 
 def read_state(conn, app_dir: str, run_id: str) -> dict:

@@ -151,6 +151,9 @@ def print_failures(result: dict, stream=None) -> None:
         print(f"{failure['host']:<14} FAILED     {where}{failure['msg']}", file=stream or sys.stdout)
 
 
+PROBE_SECONDS = 30  # a host that takes longer to say which Python it runs is that host's failure
+
+
 def run_read_only(playbook: str, hosts: list[str], extravars: dict, key: str) -> tuple[dict, dict]:
     """A read-only playbook (no deploy lock) on ``hosts``: ({host: its set_stats ``key`` entry},
     {host: why it could not be read}). Each host's module Python is probed on its own (in
@@ -160,30 +163,32 @@ def run_read_only(playbook: str, hosts: list[str], extravars: dict, key: str) ->
 
     from . import runtime as rt
     from .inventory import host_vars
-    from .remote import connect, probe_python, ssh_params
+    from .remote import connect, module_interpreter, parse_python_probe, python_probe_command, run, ssh_params
 
     def said(exc: BaseException) -> str:
         text = str(exc).strip()
         return text.splitlines()[0] if text else type(exc).__name__
 
-    # the inventory is read here, one host after another (Ansible's loaders are not thread-safe);
-    # only the SSH connections and probes run side by side
+    # the inventory is read here, one host after another (Ansible's loaders and templating are not
+    # thread-safe); only the SSH connections and the probe commands run side by side
     settings, failures = {}, {}
     for name in hosts:
         try:
-            settings[name] = (ssh_params(name), host_vars(name))
+            hv = host_vars(name)
+            settings[name] = (ssh_params(name), python_probe_command(*module_interpreter(name, hv)))
         except Exception as exc:  # noqa: BLE001 - a host's own inventory error: that host's failure
             failures[name] = said(exc)
 
     def probe(name):
-        params, hv = settings[name]
+        params, command = settings[name]
         try:
             conn = connect(name, params)
             try:
-                return name, probe_python(name, conn, hv), None
+                result = run(conn, command, timeout=PROBE_SECONDS)
+                return name, parse_python_probe(name, result.stdout, result.stderr, result.exited), None
             finally:
                 conn.close()
-        except Exception as exc:  # noqa: BLE001 - SSH's, the probe's: one line for that host
+        except Exception as exc:  # noqa: BLE001 - SSH's, the probe's, a time-out: one line for that host
             return name, None, said(exc)
 
     pythons = {}
@@ -198,6 +203,10 @@ def run_read_only(playbook: str, hosts: list[str], extravars: dict, key: str) ->
         runtimes = rt.runtimes(list(pythons.values()))
         result = run_playbook(playbook, ",".join(sorted(pythons)), {**rt.extravars(runtimes), **extravars})
         data = result["data"].get(key, {})
-        failures.update({f["host"]: " ".join(f["msg"]) if isinstance(f["msg"], list) else str(f["msg"])
-                         for f in result["failures"]})
+        for f in result["failures"]:
+            msg = " ".join(f["msg"]) if isinstance(f["msg"], list) else str(f["msg"])
+            if f["host"] in pythons:
+                failures[f["host"]] = msg
+            else:  # the playbook failed as a whole (before any host's task): every host without an answer
+                failures.update({n: msg for n in pythons if n not in data and n not in failures})
     return data, failures

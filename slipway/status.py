@@ -240,15 +240,17 @@ def _row_class(doc: dict, key: str) -> str:
     return ""
 
 
-def render_html(status: dict) -> str:
+def render_html(status: dict, by: str = "invoke status") -> str:
     """One static page: the hosts table and the environment x migration matrix."""
     now = time.time()
     hosts = sorted(status["hosts"].items(), key=lambda kv: (kv[1]["environment"], kv[0]))
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">",
            "<title>slipway status</title>", f"<style>{_CSS}</style></head><body>",
            "<h1>slipway status</h1>",
-           f'<p class="meta">generated {html.escape(status["generated"])} in {status["seconds"]}s by invoke status; '
-           "read-only: nothing on any host was changed</p>",
+           f'<p class="meta">generated {html.escape(status["generated"])} in {status["seconds"]}s by {html.escape(by)}; '
+           "read-only: no app, release, database or lock was changed (a host's first look installs slipway's module "
+           "runtime there)</p>",
            "<h2>Hosts</h2>", '<table id="hosts"><thead><tr><th>environment</th><th>host</th>'
            + "".join(f"<th>{html.escape(t)}</th>" for _, t in COLUMNS) + "</tr></thead><tbody>"]
     for name, doc in hosts:
@@ -293,20 +295,24 @@ def _public(status: dict) -> dict:
 
 
 def check_html_path(path: str) -> Path:
+    import os
+
     target = Path(path).expanduser()
     if target.is_dir():
         raise SlipwayError(f"--html {path} is a directory; pass a file name, e.g. --html {path.rstrip('/')}/status.html")
     if not target.parent.is_dir():
         raise SlipwayError(f"--html {path}: the directory {target.parent} does not exist; create it or pass another path")
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise SlipwayError(f"--html {path}: not writable by this user; pass a writable file")
     return target
 
 
-def write_html(path: str, status: dict) -> None:
+def write_html(path: str, status: dict, by: str = "invoke status") -> None:
     from .files import write_private
 
     target = check_html_path(path)
     try:
-        write_private(target, render_html(status), 0o644)  # no secrets in it: a page to be served
+        write_private(target, render_html(status, by), 0o644)  # no secrets in it: a page to be served
     except OSError as exc:
         raise SlipwayError(f"--html {path}: cannot write it ({exc.strerror or exc}); pass a writable file") from None
 

@@ -9,19 +9,23 @@ COULD_NOT_LOOK = 3
 
 
 def _could_not_look(exc: BaseException) -> Exit:
+    from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
+
     if isinstance(exc, SlipwayError):
-        return Exit(f"error: {exc}", code=COULD_NOT_LOOK)
-    said = str(exc).strip().splitlines()
+        return Exit(f"error: {redact_text(str(exc))}", code=COULD_NOT_LOOK)
+    said = redact_text(str(exc)).strip().splitlines()
     return Exit(f"error: {type(exc).__name__}: {said[0] if said else ''}; run it again, and report it if it stays",
                 code=COULD_NOT_LOOK)
 
 
 @task(help={"host": "inventory host or group", "since": "how far back to read the logs: 30m, 1h, 2d (default 1h)",
             "json": "print one JSON document"})
-def diagnose(c, host, since="1h", json=False):
+def diagnose(c, host=None, since="1h", json=False):
     """Why the app fails: PM2, the app's and PostgreSQL's logs, the migrations and drift, as ranked causes with evidence and the fix (exit 0 healthy, 1 a cause found, 3 could not look)."""
     from slipway.diagnose import diagnose as run_diagnose
 
+    if not host:
+        raise Exit("error: no host named; pass --host HOST_OR_GROUP", code=COULD_NOT_LOOK)
     try:
         code = run_diagnose(host, since=since, as_json=json)
     except Exception as exc:  # noqa: BLE001 - anything that stops the look is could-not-look (exit 1 means a cause)

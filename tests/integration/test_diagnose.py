@@ -93,6 +93,7 @@ def snapshot(hosts, name: str) -> dict:
     host = hosts["host"][name]
     files = {}
     for root, dirs, names in os.walk(host.app_dir):
+        # the module runtime is what a host's first look installs (said on the page and in the README)
         dirs[:] = [d for d in dirs if d not in ("node_modules", "runtime")]
         for n in names + [d for d in dirs]:
             path = Path(root) / n
@@ -100,7 +101,10 @@ def snapshot(hosts, name: str) -> dict:
             files[str(path)] = (st.st_mode, st.st_size, st.st_mtime_ns if not path.is_dir() else 0)
     with psycopg.connect(hosts["env"][name]["DATABASE_URL"], autocommit=True) as conn:
         rows = conn.execute(TRACKING).fetchall()
-    return {"files": files, "rows": rows, "current": os.readlink(host.app_dir / "current")}
+        databases = conn.execute("SELECT datname FROM pg_database ORDER BY 1").fetchall()
+    pm2 = sorted(os.listdir(host.pm2_home))
+    return {"files": files, "rows": rows, "databases": databases, "pm2_home": pm2,
+            "current": os.readlink(host.app_dir / "current")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +113,23 @@ def test_the_incident_is_diagnosed_as_42p10_with_its_table_migration_and_fix(hos
 
     assert post_track_view(hosts, "sandbox") == 500
     wait_for_line(hosts["host"]["sandbox"].pg_log, " 42P10 ", timeout=15)
-    found, text = diagnose("sandbox", 1)
+    from slipway.sandbox import psql_admin
+
+    host = hosts["host"]["sandbox"]
+    # a role that may create databases, its DDL logged: diagnose must build no shadow on the server
+    with sandbox_instance(INSTANCE):
+        psql_admin(host, "ALTER ROLE booksuser CREATEDB; ALTER ROLE booksuser SET log_statement = 'ddl';")
+    try:
+        before = snapshot(hosts, "sandbox")
+        log_size = host.pg_log.stat().st_size
+        found, text = diagnose("sandbox", 1)
+        assert snapshot(hosts, "sandbox") == before, "invoke diagnose changed the host"
+        with open(host.pg_log, errors="replace") as log:
+            log.seek(log_size)
+            assert "CREATE DATABASE" not in log.read().upper()
+    finally:
+        with sandbox_instance(INSTANCE):
+            psql_admin(host, "ALTER ROLE booksuser NOCREATEDB; ALTER ROLE booksuser RESET log_statement;")
     assert found["exit"] == 1
     first = found["causes"][0]
     assert first["code"] == "42P10"
@@ -126,7 +146,7 @@ def test_the_incident_is_diagnosed_as_42p10_with_its_table_migration_and_fix(hos
     assert "1. [42P10] INSERT ... ON CONFLICT (book_id, view_type) on book_view_statistics" in text
     assert "fix: invoke deploy --host sandbox" in text
     for secret in secrets(hosts):
-        assert secret not in text
+        assert secret not in text and secret not in json.dumps(found)
 
 
 def test_status_of_an_incident_host_and_a_healthy_one(hosts, tmp_path):
@@ -176,7 +196,11 @@ def test_status_of_an_incident_host_and_a_healthy_one(hosts, tmp_path):
     assert cells.get("sandbox-2", "drift").startswith("OK")
     assert cells.matrix[("sandbox", "0007_add_unique_constraint_book_view_statistics")] == "pending"
     assert cells.matrix[("sandbox-2", "0007_add_unique_constraint_book_view_statistics")] == "applied"
-    assert "<script" not in page.read_text() and "http" not in page.read_text().split("<body>", 1)[1].split("generated", 1)[0]
+    source = page.read_text()
+    for remote in ("<script", "http://", "https://", "src=", "<link", "url("):
+        assert remote not in source, remote
+    for secret in secrets(hosts):
+        assert secret not in source and secret not in text
 
 
 class DomCells(html.parser.HTMLParser):

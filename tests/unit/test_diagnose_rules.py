@@ -151,10 +151,69 @@ def test_eaddrinuse_names_the_port():
     assert not [c for c in d.causes if c["kind"] == "crash-loop"]  # the same failure, said once
 
 
-def test_out_of_memory():
+def test_out_of_memory_when_the_app_is_restarting_now():
     lines = [(NOW - 30, "FATAL ERROR: Reached heap limit Allocation failed - JavaScript heap out of memory")]
-    d = diagnose(state(app_lines=lines))
+    exits = [(NOW - 30, "2027-01-15T07:59:30: PM2 log: App [app:0] exited with code [134] via signal [SIGABRT]")]
+    d = diagnose(state(app_lines=lines, pm2_lines=exits))
     assert d.causes[0]["kind"] == "oom" and "--max-old-space-size" in d.causes[0]["fix"]
+    # the same line in a log while every process is online and none exited: history, not a cause
+    assert diagnose(state(app_lines=lines)).causes == []
+    # PM2's own memory restart (its line names the process id only)
+    memory = [(NOW - 30, "2027-01-15T07:59:30: PM2 log: [PM2][WORKER] Process 0 restarted because it exceeds "
+                         "--max-memory-restart value (current_memory=300000000 max_memory_limit=200000000 [octets])")]
+    assert diagnose(state(pm2_lines=memory)).causes[0]["kind"] == "oom"
+
+
+def test_cumulative_unstable_restarts_alone_are_no_crash_loop_and_stopped_is_its_own_cause():
+    procs = [{"name": "app", "pm_id": 0, "pid": 5, "status": "online", "restarts": 3, "unstable_restarts": 2, "release": "r2"}]
+    assert diagnose(state(procs=procs)).causes == []
+    procs = [{"name": "app", "pm_id": 0, "pid": 0, "status": "stopped", "restarts": 0, "release": "r2"}]
+    first = diagnose(state(procs=procs, health=None)).causes[0]
+    assert (first["kind"], first["code"]) == ("pm2", "stopped") and first["fix"].startswith("pm2 start app")
+
+
+def test_without_the_migration_files_the_migration_is_not_guessed():
+    st = state({"0004_later": "pending"}, records=[rec("42P01", 'relation "reviews" does not exist')])
+    first = diagnose(st, drift=False).causes[0]
+    assert first["migration"] is None and "could not be told" in first["why"] and "no migration" not in first["why"]
+    st["migrations_content"] = content()  # what app_state returns with since: the release's files
+    assert diagnose(st, drift=False).causes[0]["migration"] == "0004_later"
+
+
+def test_an_error_without_sqlstate_is_still_a_cause():
+    st = state(records=[dict(rec(None, "permission denied for table books"), inferred=True)])
+    first = diagnose(st).causes[0]
+    assert first["kind"] == "sql-other" and "%e" in first["fix"]
+
+
+def test_no_healthy_without_the_postgresql_log():
+    st = state()
+    st["logs"]["pg"]["error"] = "cannot read /var/log/postgresql/postgresql-15-main.log: Permission denied"
+    d = diagnose(st)
+    assert d.causes == [] and d.unread == ["the PostgreSQL log"]
+    from slipway.diagnose import render
+
+    facts = d.facts()
+    text = render({"web1": {"exit": 3, "causes": [], "notes": d.notes, "facts": facts, "unread": d.unread}}, "1h")
+    assert text[0].startswith("web1: no cause found, but could not look at the PostgreSQL log") and "PostgreSQL log not read" in text[0]
+
+
+def test_refused_logins_of_another_role_are_not_the_apps():
+    scanner = dict(rec("28P01", 'password authentication failed for user "postgres"', level="FATAL"), user="postgres", db="postgres")
+    app_db = {"tried": True, "ok": True, "sqlstate": None, "error": None, "user": "app", "db": "appdb"}
+    assert diagnose(state(records=[scanner], app_db=app_db)).causes == []
+
+
+def test_a_full_server_and_a_deploy_in_progress():
+    st = state(db_ok=False)
+    st["db"].update(sqlstate="53300", error="FATAL: remaining connection slots are reserved")
+    first = diagnose(st).causes[0]
+    assert first["code"] == "53300" and "pg_stat_activity" in first["fix"] and "start PostgreSQL" not in first["fix"]
+    procs = [{"name": "app", "pm_id": 0, "pid": 5, "status": "online", "restarts": 0, "release": "r1"}]
+    st = state(procs=procs)
+    st["lock"] = {"held": True, "meta": {"run_id": "r-9", "command": "invoke deploy"}, "stale": False}
+    d = diagnose(st)
+    assert d.causes == [] and any("holds the deploy lock" in n for n in d.notes)
 
 
 def test_a_crash_loop_outranks_sql_errors_and_names_the_apps_line():

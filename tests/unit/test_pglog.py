@@ -108,9 +108,51 @@ def test_user_input_in_messages_is_not_shown(tmp_path):
 
 
 def test_known_secrets_are_masked_anywhere(tmp_path):
-    path = write(tmp_path, ["2026-12-06 00:50:01.123 UTC [11] 42601 app@db ERROR:  syntax error at or near \"s3cr3t\""])
+    path = write(tmp_path, ["2026-12-06 00:50:01.123 UTC [11] 42704 app@db ERROR:  role \"s3cr3t\" does not exist"])
     recs = pglog.read_log(path, SANDBOX, known=["s3cr3t"])["records"]
-    assert "s3cr3t" not in json.dumps(recs) and "***" in recs[0]["message"]
+    assert "s3cr3t" not in json.dumps(recs) and recs[0]["message"] == 'role "***" does not exist'
+
+
+@pytest.mark.parametrize("lines,shown,hidden", [
+    (['ERROR:  syntax error at or near "alice@example.com"'], 'syntax error at or near "..."', "alice"),
+    (['ERROR:  value "4111111111111111" is out of range for type integer'], 'value "..." is out of range', "4111"),
+    (['ERROR:  malformed array literal: "{secret"'], 'malformed array literal: "..."', "secret"),
+    (['ERROR:  column "email" of relation "users" does not exist'], 'column "email" of relation "users" does not exist', None),
+    (['ERROR:  deadlock detected', 'DETAIL:  Process 1 waits for ShareLock on transaction 5; blocked by process 2.',
+      "\tProcess 2: UPDATE users SET email = 'bob@example.com' WHERE id = 1"], "deadlock detected", "bob"),
+    (['ERROR:  conflicting key value violates exclusion constraint "booking_overlap"',
+      'DETAIL:  Key (room, during)=(1, [2026-01-01,2026-01-02)) conflicts with existing key (room, during)=(1, [x,y)).'],
+     'exclusion constraint "booking_overlap"', "2026-01-01"),
+    (['ERROR:  invalid input syntax for type json', 'DETAIL:  Token "s3cr3tvalue" is invalid.',
+      'CONTEXT:  JSON data, line 1: {"password": s3cr3tvalue...'], "invalid input syntax for type json", "s3cr3tvalue"),
+    (['ERROR:  user alice@example.com is blocked'], "user <e-mail> is blocked", "alice"),
+])
+def test_no_user_data_in_what_leaves_the_host(tmp_path, lines, shown, hidden):
+    code = {"deadlock detected": "40P01"}.get(lines[0].split(":  ", 1)[1], "XX000")
+    prefixed = [f"2026-12-06 00:50:01.123 UTC [11] {code} app@db {line}" if not line.startswith("\t") else line
+                for line in lines]
+    recs = pglog.read_log(write(tmp_path, prefixed), SANDBOX)["records"]
+    text = json.dumps(recs)
+    if shown:
+        assert shown in recs[0]["message"], recs
+    if hidden:
+        assert hidden not in text, text
+
+
+def test_a_raise_exception_message_is_not_shown_and_an_orphan_statement_is_dropped(tmp_path):
+    recs = pglog.read_log(write(tmp_path, [
+        "2026-12-06 00:50:01.123 UTC [11] P0001 app@db ERROR:  customer 42 (Alice Smith) has no credit",
+        "2026-12-06 00:50:02.123 UTC [12] 42601 app@db STATEMENT:  SELECT * FROM t",  # its ERROR was not read
+        "\tWHERE ssn = '123-45-6789'",
+    ]), SANDBOX)["records"]
+    assert recs[0]["message"] == "(a RAISE EXCEPTION message, not shown)"
+    assert "123-45" not in json.dumps(recs) and "Alice" not in json.dumps(recs)
+
+
+def test_no_escape_can_backtrack_without_bound():
+    """`.*?` for several escapes made one 8 KB line that has the prefix but no level take a minute."""
+    prefix = "%t [%p]: [%l-1] user=%u,db=%d,app=%a,client=%h %r %b %i %x %v %c %Q %s %n %P %z"
+    assert ".*" not in pglog.prefix_regex(prefix)
 
 
 def test_jsonlog_and_csvlog(tmp_path):

@@ -26,14 +26,40 @@ RECORD_KEYS = ("run_id", "finished", "release", "previous", "switched_from", "re
 LOCK_KEYS = ("run_id", "command", "started", "user", "controller", "host", "keeper_pid", "heartbeat")
 
 
+def _lock_held_in_proc_locks(path):
+    """Whether /proc/locks lists an exclusive flock on ``path`` (None when it cannot tell). Read
+    there, not by trying the lock: a probe that holds even a shared lock for an instant can make a
+    deploy starting at that instant (its keeper's ``flock -n``) fail as if another run held it."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    wanted = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in text.splitlines():
+        parts = line.split()
+        if "->" in parts:  # a waiter, not a holder
+            continue
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[3] == "WRITE" and parts[5] == wanted:
+            return True
+    return False
+
+
 def deploy_running(app_dir):
     """Whether a deploy holds the host's deploy lock now (its keeper holds the flock exclusively):
-    `current` may be switched before its migrations run. A shared lock tried without waiting, and
-    let go at once: never in a deploy's way."""
-    try:
-        fd = os.open(layout.lock_paths(app_dir)[1], os.O_RDONLY)
-    except OSError:
+    `current` may be switched before its migrations run. Read from /proc/locks; where there is
+    none, a shared lock tried without waiting and let go at once."""
+    path = layout.lock_paths(app_dir)[1]
+    if not os.path.exists(path):
         return False  # no lock file: no deploy ever ran here
+    held = _lock_held_in_proc_locks(path)
+    if held is not None:
+        return held
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
@@ -43,21 +69,27 @@ def deploy_running(app_dir):
         os.close(fd)
 
 
-def deploy_records(app_dir, last=None):
-    """The records of finished deploys (deploys.jsonl), oldest first; ``last``: only so many."""
-    try:
-        with open(layout.deploys_file(app_dir)) as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return []
-    records = []
+def json_objects(lines):
+    """The JSON objects among ``lines`` (one per line, as deploys.jsonl, run journals and jsonlog
+    keep them); a line that is not one is skipped."""
+    out = []
     for line in lines:
         try:
             item = json.loads(line)
         except ValueError:
             continue
         if isinstance(item, dict):
-            records.append(item)
+            out.append(item)
+    return out
+
+
+def deploy_records(app_dir, last=None):
+    """The records of finished deploys (deploys.jsonl), oldest first; ``last``: only so many."""
+    try:
+        with open(layout.deploys_file(app_dir)) as handle:
+            records = json_objects(handle.read().splitlines())
+    except OSError:
+        return []
     return records[-last:] if last else records
 
 
@@ -82,6 +114,16 @@ def migrations_folder(app_dir, wanted=None):
             return folder
     raise MigrationError("no drizzle migrations folder (meta/_journal.json) in release %s (looked for %s); set "
                          "migrations in the app's slipway.yml and deploy" % (release, wanted or "drizzle/, migrations/"))
+
+
+def folder_content(folder):
+    """{relative path: text} of the journal and every listed migration of a read folder (the
+    controller builds a shadow from them, and names the migration that makes an object)."""
+    content = {"meta/_journal.json": open(os.path.join(folder["folder"], "meta", "_journal.json")).read()}
+    for mig in folder["migrations"]:
+        with open(mig["file"]) as handle:
+            content[mig["tag"] + ".sql"] = handle.read()
+    return content
 
 
 def releases(app_dir):
@@ -150,32 +192,49 @@ def _line_time(line):
 
 
 def read_since(path, since_epoch, known=(), match=None, keep=LOG_LINES):
+    """See below; ``match``: a string or several (a line with any of them is kept)."""
+    needles = (match,) if isinstance(match, str) else tuple(match) if match else None
+    return _read_since(path, since_epoch, known, needles, keep)
+
+
+def _read_since(path, since_epoch, known, needles, keep):
     """``{path, lines, timed}``: the lines of ``path`` written at or after ``since_epoch``, newest
     ``keep``, redacted. A line with no time of its own (a stack frame) goes with the line before;
     a file with no times at all counts when it was modified since then (its last lines).
-    ``match``: keep only lines containing it (and their untimed followers)."""
-    from ansible_collections.slipway.core.plugins.module_utils.pglog import tail_lines
+    ``needles``: keep only lines containing one of them (and their untimed followers). Only a
+    regular file is opened (a FIFO would block)."""
+    import stat as stat_module
 
-    out = {"path": path, "lines": [], "timed": False, "error": None}
+    from ansible_collections.slipway.core.plugins.module_utils.pglog import tail_lines
+    from ansible_collections.slipway.core.plugins.module_utils.redact import scrub_user_data
+
+    out = {"path": path, "lines": [], "times": [], "timed": False, "error": None}
     try:
-        if since_epoch is not None and os.stat(path).st_mtime < since_epoch:
+        st = os.stat(path)
+        if not stat_module.S_ISREG(st.st_mode):
+            out["error"] = "%s: not a regular file" % path
+            return out
+        if since_epoch is not None and st.st_mtime < since_epoch:
             return out
         lines = tail_lines(path, LOG_BYTES)
     except OSError as exc:
         out["error"] = "%s: %s" % (path, exc.strerror or exc)
         return out
-    keep_current = match is None
+    def wanted(line):
+        return needles is None or any(n in line for n in needles)
+
+    keep_current = needles is None
     kept, times, when_last = [], [], None
     for line in lines:
         when = _line_time(line)
         if when is not None:
             out["timed"] = True
             when_last = when
-            keep_current = (since_epoch is None or when >= since_epoch) and (match is None or match in line)
+            keep_current = (since_epoch is None or when >= since_epoch) and wanted(line)
         elif not out["timed"]:  # no time yet: the file's mtime said it was written since
-            keep_current = match is None or match in line
+            keep_current = wanted(line)
         if keep_current:
-            kept.append(redact_text(line[:2000], known=known))
+            kept.append(redact_text(scrub_user_data(line[:2000]), known=known))
             times.append(when_last)  # a line without a time of its own: the time of the line before it
     out["lines"] = kept[-keep:]
     out["times"] = times[-keep:]

@@ -21,12 +21,11 @@ __metaclass__ = type
 import calendar
 import csv
 import io
-import json
 import os
 import re
 import time
 
-from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
+from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text, scrub_user_data
 
 READ_BYTES = 8 * 1024 * 1024  # the tail of the log read at most
 KEEP = 400  # records returned at most (the newest)
@@ -34,10 +33,11 @@ LEVELS = ("ERROR", "FATAL", "PANIC")
 ATTACHED = ("DETAIL", "HINT", "CONTEXT", "STATEMENT", "QUERY", "LOCATION")
 
 _ESCAPES = {
-    "a": r"(?P<app>.*?)", "u": r"(?P<user>.*?)", "d": r"(?P<db>.*?)", "r": r".*?", "h": r".*?",
-    "b": r".*?", "p": r"(?P<pid>\d+)", "P": r"\d*", "t": r"(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?: [A-Za-z0-9+:-]+)?)",
+    # bounded classes, not .*?: a long line that has the prefix but no level must fail fast
+    "a": r"(?P<app>[^\[\]\n]{0,64}?)", "u": r"(?P<user>[^\s@,:\[\]]*?)", "d": r"(?P<db>[^\s@,:\[\]]*?)",
+    "r": r"[^\s,\]]*?", "h": r"[^\s,:\]]*?", "b": r"[^\[\]\n]{0,64}?", "p": r"(?P<pid>\d+)", "P": r"\d*", "t": r"(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?: [A-Za-z0-9+:-]+)?)",
     "m": r"(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+(?: [A-Za-z0-9+:-]+)?)", "n": r"(?P<epoch>\d+(?:\.\d+)?)",
-    "i": r".*?", "e": r"(?P<sqlstate>[0-9A-Z]{5})", "c": r"[0-9a-f]+\.[0-9a-f]+", "l": r"\d+",
+    "i": r"[A-Za-z ]{0,40}?", "e": r"(?P<sqlstate>[0-9A-Z]{5})", "c": r"[0-9a-f]+\.[0-9a-f]+", "l": r"\d+",
     "s": r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?: [A-Za-z0-9+:-]+)?", "v": r"\S*", "x": r"\d+", "Q": r"-?\d+",
 }
 _LEVEL = r"(?P<level>DEBUG\d?|INFO|NOTICE|WARNING|ERROR|LOG|FATAL|PANIC|DETAIL|HINT|QUERY|CONTEXT|STATEMENT|LOCATION):  (?P<text>.*)$"
@@ -97,7 +97,7 @@ def prefix_regex(prefix):
             out.append("(?:")
             optional = True
         else:
-            pattern = _ESCAPES.get(esc, r".*?")
+            pattern = _ESCAPES.get(esc, r"[^\s\]]*?")
             for name in re.findall(r"\?P<(\w+)>", pattern):  # a group named twice: the second one unnamed
                 if name in seen:
                     pattern = pattern.replace("?P<%s>" % name, "?:")
@@ -118,7 +118,7 @@ def infer_sqlstate(message):
 def parse_time(text):
     """Epoch seconds of a log timestamp (``2026-12-06 00:50:01.123 UTC``, ``... +03``, or a zone
     name of this host's local time), None when unreadable."""
-    if not text:
+    if not text or not isinstance(text, str):
         return None
     m = re.match(r"^(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d)(\.\d+)?(?:\s*([A-Za-z0-9+:-]+))?$", text.strip())
     if not m:
@@ -162,11 +162,13 @@ def detect_format(lines):
     return "stderr"
 
 
-def _records_stderr(lines, settings):
+def _records_stderr(lines, settings, counts=None):
     records, last = [], None
     open_by_pid = {}
     for line in lines:
         m = settings.line.match(line)
+        if m and counts is not None:
+            counts["matched"] += 1
         if not m:
             if last is not None:  # a statement or message continued on the next line
                 field = last.get("_field", "message")
@@ -177,11 +179,11 @@ def _records_stderr(lines, settings):
         pid = fields.get("pid")
         if level in ATTACHED:
             owner = open_by_pid.get(pid) if settings.has_pid else last
+            last = owner  # None: this line and what continues it belong to no record read, and are dropped
             if owner is not None:
                 key = level.lower()
                 owner[key] = text if not owner.get(key) else owner[key] + "\n" + text
                 owner["_field"] = key
-                last = owner  # a line that continues this one belongs to it
             continue
         rec = {"level": level, "message": text, "sqlstate": fields.get("sqlstate"), "pid": pid,
                "user": fields.get("user"), "db": fields.get("db"), "app": fields.get("app"), "_field": "message",
@@ -194,14 +196,11 @@ def _records_stderr(lines, settings):
 
 
 def _records_json(lines):
+    from ansible_collections.slipway.core.plugins.module_utils.hoststate import json_objects
+
     records = []
-    for line in lines:
-        try:
-            item = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(item, dict):
-            continue
+    for raw in json_objects(lines):
+        item = {k: (v if v is None or isinstance(v, str) else str(v)) for k, v in raw.items()}  # odd types: text
         records.append({"level": item.get("error_severity"), "message": item.get("message"),
                         "sqlstate": item.get("state_code"), "pid": str(item.get("pid") or ""),
                         "user": item.get("user"), "db": item.get("dbname"), "app": item.get("application_name"),
@@ -219,6 +218,7 @@ _CSV = ("log_time", "user_name", "database_name", "process_id", "connection_from
 
 def _records_csv(lines):
     records = []
+    csv.field_size_limit(max(csv.field_size_limit(), READ_BYTES))  # a logged statement may be long
     for row in csv.reader(io.StringIO("\n".join(lines))):
         if len(row) < len(_CSV):
             continue
@@ -268,40 +268,78 @@ def normalize_sql(text):
     return "".join(out)
 
 
-_KEY_DETAIL = re.compile(r"^(Key \((?:[^()]|\([^()]*\))*\))=\(.*\)( .*)$", re.S)
 _ENUM_VALUE = re.compile(r'^(invalid input value for enum [^:]+: )"(.*)"$', re.S)
-_INPUT_VALUE = re.compile(r'^(invalid input syntax for (?:type )?[^:]+: )".*"$', re.S)
+# a quoted word right after one of these names an object (schema, not data): it is kept
+_NAMES = re.compile(r"(?:relation|column|constraint|type|table|index|schema|database|role|user|extension|sequence|view|"
+                    r"trigger|function|procedure|operator|enum|tablespace|publication|subscription|collation|"
+                    r"domain|attribute|cursor|portal|prepared statement|savepoint|column reference|parameter|"
+                    r"for table|of relation|of table|on table|in table)\s+$", re.IGNORECASE)
+_QUOTED = re.compile(r'"(?:[^"]|"")*"')
+_SAFE_DETAIL = re.compile(r"^(?:Connection matched (?:pg_hba\.conf|file \S+) line \d+:|Role \"[^\"]*\" does not exist|"
+                          r"There (?:is|are) \S+ .*(?:column|constraint|index|table)s? named|Key columns \"|"
+                          r"Table \"[^\"]*\" references|Could not open file|User does not have CONNECT privilege|"
+                          r"The database was initialized|Process \d+ waits for)")
+_PROCESS_SQL = re.compile(r"^(Process \d+: )(.*)$")
+
+
+def _mask_quoted(text):
+    """Every quoted value in ``text`` that does not name an object (see _NAMES) becomes "..."."""
+    def one(m):
+        return m.group(0) if _NAMES.search(text[:m.start()]) else '"..."'
+    return _QUOTED.sub(one, text)
+
+
+def _detail(detail, code):
+    if detail.startswith("parameters:"):
+        return "parameters: (not shown)"
+    if code == "40P01":  # a deadlock: who waited for what, and each process's query as a pattern
+        lines = []
+        for line in detail.splitlines():
+            m = _PROCESS_SQL.match(line.strip())
+            lines.append(m.group(1) + (normalize_sql(m.group(2)) or "(not shown)") if m else line)
+        return "\n".join(lines)
+    scrubbed = scrub_user_data(detail)
+    if scrubbed != detail:  # Key (...)=(...), Failing row contains (...)
+        return scrubbed
+    return detail if _SAFE_DETAIL.match(detail) else "(not shown: it may hold data)"
+
+
+def _context(context):
+    out = []
+    for line in context.splitlines():
+        m = re.match(r'^(SQL statement )"(.*)"$', line.strip(), re.S)
+        if m:
+            out.append(m.group(1) + '"%s"' % (normalize_sql(m.group(2)) or "(not shown)"))
+        elif re.match(r"^(?:PL/pgSQL function|SQL function|PL/\w+ function) ", line.strip()):
+            out.append(line)
+        else:
+            out.append("(not shown: it may hold data)")
+    return "\n".join(out)
 
 
 def redact_record(rec, known=()):
-    """The record as it may leave the host: no user data, no secrets."""
+    """The record as it may leave the host: no user data, no secrets. A message keeps the quoted
+    names of objects (relation "t", column "c") and loses every other quoted value; DETAIL and
+    CONTEXT lines are kept only in shapes known to hold no data; statements become patterns."""
     out = {}
     for key in ("level", "sqlstate", "pid", "user", "db", "app", "time", "epoch"):
         out[key] = rec.get(key)
     message = rec.get("message") or ""
-    m = _ENUM_VALUE.match(message)
-    if m:  # an enum label names schema, not user data, when it looks like one
-        value = m.group(2) if re.match(r"^[A-Za-z0-9_ .-]{1,63}$", m.group(2)) else "..."
-        message = '%s"%s"' % (m.group(1), value)
+    if rec.get("sqlstate") == "P0001":  # RAISE EXCEPTION: the app's own text, which may hold anything
+        message = "(a RAISE EXCEPTION message, not shown)"
     else:
-        m = _INPUT_VALUE.match(message)
-        if m:
-            message = m.group(1) + '"..."'
-    out["message"] = redact_text(message, known=known)
-    detail = rec.get("detail")
-    if detail:
-        if detail.startswith("parameters:"):
-            detail = "parameters: (not shown)"
-        elif detail.startswith("Failing row contains"):
-            detail = "Failing row contains (...)."
+        m = _ENUM_VALUE.match(message)
+        if m and re.match(r"^[A-Za-z0-9_ .-]{1,63}$", m.group(2)):  # an enum label names schema, not user data
+            message = '%s"%s"' % (m.group(1), m.group(2))
         else:
-            km = _KEY_DETAIL.match(detail)
-            if km:
-                detail = km.group(1) + "=(...)" + km.group(2)
-        out["detail"] = redact_text(detail, known=known)
-    for key in ("hint", "context"):
-        if rec.get(key):
-            out[key] = redact_text(rec[key], known=known)
+            message = scrub_user_data(_mask_quoted(message))
+    out["message"] = redact_text(message, known=known)
+    if rec.get("detail"):
+        out["detail"] = redact_text(_detail(rec["detail"], rec.get("sqlstate")), known=known)
+    if rec.get("hint"):
+        out["hint"] = redact_text(scrub_user_data(_mask_quoted(rec["hint"])), known=known)
+    if rec.get("context"):
+        out["context"] = redact_text(_context(rec["context"]), known=known)
     if rec.get("statement"):
         shown = normalize_sql(rec["statement"])
         out["statement"] = redact_text(shown, known=known) if shown is not None else None
@@ -320,7 +358,11 @@ def read_log(path, prefix, since_epoch=None, known=(), max_bytes=READ_BYTES, kee
         records = _records_csv(lines)
     else:
         settings = LogSettings(prefix)
-        records = _records_stderr(lines, settings)
+        counts = {"matched": 0}
+        records = _records_stderr(lines, settings, counts)
+        if lines and not counts["matched"]:
+            notes.append("none of the %d lines read matches log_line_prefix %r (or its level names are not English: "
+                         "lc_messages): nothing could be read from it; check both" % (len(lines), prefix))
         if not settings.has_sqlstate:
             notes.append("log_line_prefix %r has no %%e: SQLSTATEs were inferred from the message text; "
                          "add %%e to log_line_prefix (or use jsonlog) for exact codes" % prefix)
@@ -342,4 +384,6 @@ def read_log(path, prefix, since_epoch=None, known=(), max_bytes=READ_BYTES, kee
         clean = redact_record(rec, known)
         clean["inferred"] = bool(rec.get("inferred"))
         out.append(clean)
-    return {"format": fmt, "records": out[-keep:], "notes": notes, "total": len(out)}
+    unreadable = fmt == "stderr" and bool(lines) and not counts["matched"]
+    return {"format": fmt, "records": out[-keep:], "notes": notes, "total": len(out), "lines": len(lines),
+            "unreadable": unreadable}

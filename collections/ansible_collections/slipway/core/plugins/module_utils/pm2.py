@@ -67,8 +67,13 @@ def daemon_pid(pm2_home):
     except ProcessLookupError:
         return None
     except PermissionError:
-        return pid
-    return pid
+        pass
+    try:  # pm2.pid outlives a reboot: a pid reused by another process is no daemon
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            title = handle.read()
+    except OSError:
+        return pid  # no /proc here: trust the live pid
+    return pid if title.startswith(b"PM2") else None
 
 
 def cwd_release(pid):

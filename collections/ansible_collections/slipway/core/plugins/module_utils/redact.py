@@ -19,7 +19,7 @@ MASK = "***"
 
 # Keys whose values are secrets. DATABASE_URL embeds a password, so it is masked whole.
 _SECRET_KEY = re.compile(
-    r"(PASSWORD|PASSWD|PWD|SECRET|TOKEN|API_?KEY|PRIVATE_?KEY|CREDENTIAL|DATABASE_URL|DSN|AUTH)",
+    r"(PASS|PWD|SECRET|TOKEN|API_?KEY|PRIVATE_?KEY|(?:^|_)KEY(?:$|_)|SESSION|COOKIE|SIGNING|CREDENTIAL|DATABASE_URL|DSN|AUTH)",
     re.IGNORECASE,
 )
 _URL_PASSWORD = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s\"']*:)(?P<pw>[^@\s\"']+)(?P<post>@)")
@@ -55,6 +55,28 @@ def redact_text(text, known=()):
     out = _JSON_PAIR.sub(_pair, out)
     out = _ENV_PAIR.sub(_pair, out)
     return out
+
+
+_KEY_VALUES = re.compile(r"(Key \((?:[^()]|\([^()]*\))*\))=\((?:[^()]|\([^()]*\))*\)")
+_FAILING_ROW = re.compile(r"(Failing row contains) \(.*?\)(\.?)(?=\s|$|\\n|\"|')")
+_QUERY_STRING = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s?#\"']*|\s/[^\s?#\"']*)\?[^\s#\"']+", re.IGNORECASE)
+_HEADER = re.compile(r"\b((?:Proxy-)?Authorization|Cookie|Set-Cookie)(\s*[:=]\s*)[^\r\n\"',}]+", re.IGNORECASE)
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+_PARAMETERS = re.compile(r"(parameters:) \$\d+ = .*", re.IGNORECASE)
+
+
+def scrub_user_data(text):
+    """``text`` without the user data logs tend to carry: the key values of a unique violation,
+    the row of a not-null one, bind parameters, URL query strings, Authorization and cookie
+    headers, e-mail addresses (what an app's or PostgreSQL's log line may hold)."""
+    if text is None:
+        return text
+    out = _KEY_VALUES.sub(lambda m: m.group(1) + "=(...)", str(text))
+    out = _FAILING_ROW.sub(lambda m: m.group(1) + " (...)" + m.group(2), out)
+    out = _PARAMETERS.sub(lambda m: m.group(1) + " (not shown)", out)
+    out = _QUERY_STRING.sub(lambda m: m.group(1) + "?...", out)
+    out = _HEADER.sub(lambda m: m.group(1) + m.group(2) + MASK, out)
+    return _EMAIL.sub("<e-mail>", out)
 
 
 def redact_mapping(value, known=()):

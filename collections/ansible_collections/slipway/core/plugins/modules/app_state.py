@@ -88,47 +88,69 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+app_name:
+  description: The PM2 app name used (the last successful deploy's, else I(app_name)).
+  returned: success
+  type: str
+now:
+  description: The host's time (epoch seconds) when it looked.
+  returned: always
+  type: float
+seconds:
+  description: How long the look took.
+  returned: success
+  type: float
 release:
   description: current, current_since (epoch), previous and installed (newest first).
-  returned: always
+  returned: success
   type: dict
 deploys:
-  description: The last deploy records (run_id, finished, release, result, failure, ...), oldest first.
-  returned: always
+  description: The last deploy records (run_id, finished, release, previous, switched_from, result, failure
+    without user data, backup, migrations_applied, rolled_back, rolled_back_to, stopped, took_over), oldest first.
+  returned: success
   type: list
   elements: dict
 lock:
   description: held, meta (run_id, command, started, ...) and stale.
-  returned: always
+  returned: success
   type: dict
 pm2:
-  description: daemon (bool), processes (name, pm_id, pid, status, restarts, unstable_restarts,
-    uptime_seconds, memory, release, exit_code, max_memory_restart), error.
-  returned: always
+  description: daemon (bool), home, error, and processes (name, pm_id, pid, status, restarts, unstable_restarts,
+    uptime_seconds, memory, release, cwd, exit_code, max_memory_restart, err_log, log).
+  returned: success
   type: dict
 db:
-  description: ok, sqlstate and error when it is not, server_version_num, settings (log_line_prefix,
-    log_destination, ...), migrations (tag and status of each), counts, unknown_rows, folder.
-  returned: always
+  description: ok, sqlstate and error, settings (log_line_prefix, log_destination, lc_messages, ...), migrations
+    (tag, status, when), counts, unknown_rows, warnings, folder, release, folder_error.
+  returned: success
   type: dict
 backups:
-  description: count and last (id, created, size, release) of the verified backups, when I(backup_dir) is set.
-  returned: always
+  description: count and last (id, created, size, release, reason, db) of the verified backups, and error.
+  returned: success
   type: dict
 health:
-  description: With I(app_url) - url, status (None when nothing answered), expected, error, ms and the
-    answer's first 200 characters (redacted).
-  returned: always
+  description: url, status (None when nothing answered), expected, error, ms and the answer's first 200
+    characters (redacted); None without I(app_url).
+  returned: success
   type: dict
 logs:
-  description: With I(since), pg (path, format, records, notes, error), app (one per file - path, lines,
-    timed, error), pm2 (PM2's own log lines about the app) and app_db (the app's DATABASE_URL tried - ok,
-    sqlstate, error).
-  returned: always
+  description: None when I(since) is 0; else pg (path, format, records, notes, lines, total, unreadable, error),
+    app (one per file - path, lines, times (each line's time, a line without one taking the time of the line before),
+    timed, error), pm2 (PM2's own lines about the app, the same shape), app_db (the app's DATABASE_URL tried - tried,
+    ok, sqlstate, error, user, db) and since (epoch).
+  returned: success
+  type: dict
+migrations_content:
+  description: With I(since), the release's journal and migration files ({relative path - text}), from which
+    the controller names the migration that makes an object an error lacks.
+  returned: when since is above 0
   type: dict
 """
 
 import os
+import re
+import shutil
+import stat
 import time
 
 from ansible.module_utils.basic import AnsibleModule
@@ -137,23 +159,55 @@ from ansible_collections.slipway.core.plugins.module_utils import migrate as eng
 from ansible_collections.slipway.core.plugins.module_utils import postgres as pg
 from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, classify, counts, read_folder
 from ansible_collections.slipway.core.plugins.module_utils.pm2 import daemon_pid, default_home, summarize_jlist
-from ansible_collections.slipway.core.plugins.module_utils.redact import is_secret_key, redact_mapping, redact_text
+from ansible_collections.slipway.core.plugins.module_utils.redact import (
+    is_secret_key,
+    redact_mapping,
+    redact_text,
+    scrub_user_data,
+)
 
+APPLICATION_NAME = "slipway-app-state"  # how its own logins show in the server's log (%a)
 SETTINGS = ("log_line_prefix", "log_destination", "logging_collector", "log_min_error_statement", "lc_messages",
             "server_version_num", "log_directory", "log_filename")
 
 
+_CONNECT_STATES = (
+    ("28P01", re.compile(r"password authentication failed")),
+    ("3D000", re.compile(r'database "[^"]*" does not exist')),
+    ("28000", re.compile(r'role "[^"]*" does not exist|no pg_hba\.conf entry|pg_hba\.conf rejects')),
+    ("53300", re.compile(r"remaining connection slots|too many clients|too many connections")),
+    ("57P03", re.compile(r"the database system is (?:starting up|shutting down|in recovery mode)")),
+)
+
+
 def sqlstate_of(exc):
-    """The SQLSTATE psycopg saw (a server error's, or a connection refused at login), else None."""
-    code = getattr(exc, "sqlstate", None)
-    if code:
-        return code
+    """The SQLSTATE of a failed connection or query: the server's (psycopg keeps it on the error
+    or on the one it was raised from), else read from the message libpq gives, else None."""
+    seen = exc
+    while seen is not None:
+        code = getattr(seen, "sqlstate", None)
+        if code:
+            return code
+        seen = seen.__cause__ or seen.__context__
     text = str(exc)
-    for code, words in (("28P01", "password authentication failed"), ("3D000", "does not exist\n"),
-                        ("28000", "no pg_hba.conf entry"), ("53300", "too many clients")):
-        if words in text + "\n" and (code != "3D000" or 'database "' in text):
+    for code, pattern in _CONNECT_STATES:
+        if pattern.search(text):
             return code
     return None
+
+
+def scrub_failure(failure):
+    """A deploy record's failure without user data (a migration's error may quote a DETAIL)."""
+    if isinstance(failure, dict):
+        return {k: scrub_user_data(v) if isinstance(v, str) else v for k, v in failure.items()}
+    return scrub_user_data(failure) if isinstance(failure, str) else failure
+
+
+def substantial(value):
+    """A value worth masking wherever it appears: not a flag, number or short word (masking
+    `AUTH_TRUST_HOST=true` would garble every "true" in the output)."""
+    value = (value or "").strip()
+    return len(value) >= 8 and value.lower() not in ("true", "false", "yes", "no") and not value.isdigit()
 
 
 def pm2_state(module, pm2_home, app_name, pm2_bin):
@@ -164,7 +218,9 @@ def pm2_state(module, pm2_home, app_name, pm2_bin):
     if not binary:
         out["error"] = "%s is not on PATH" % pm2_bin
         return out
-    rc, stdout, stderr = module.run_command([binary, "jlist"], environ_update=dict(PM2_HOME=pm2_home))
+    timeout = shutil.which("timeout")  # a stuck daemon must not hang the look
+    rc, stdout, stderr = module.run_command(([timeout, "20"] if timeout else []) + [binary, "jlist"],
+                                            environ_update=dict(PM2_HOME=pm2_home))
     if rc != 0:
         out["error"] = "pm2 jlist failed (rc=%d): %s" % (rc, redact_text(stderr.strip())[-300:])
         return out
@@ -204,7 +260,8 @@ def db_state(p, conn_params, secrets):
         folder = None
         out["folder_error"] = redact_text(str(exc), known=secrets)
     try:
-        conn = engine.connect(None, connect_timeout=min(p["connect_timeout"], 10), **conn_params)
+        conn = engine.connect(None, connect_timeout=min(p["connect_timeout"], 10),
+                              **dict(conn_params, application_name=APPLICATION_NAME))
     except Exception as exc:  # noqa: BLE001 - unreachable, refused, wrong password: what diagnose reports
         out["sqlstate"] = sqlstate_of(exc)
         out["error"] = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, known=secrets)
@@ -212,6 +269,7 @@ def db_state(p, conn_params, secrets):
     try:
         out["ok"] = True
         conn.execute("SET statement_timeout = '10s'")
+        conn.execute("SET lock_timeout = '1s'")  # never wait behind a migration's lock
         # pg_settings shows a setting this role may not read as absent, where current_setting() would log an error
         for name, value in conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", (list(SETTINGS),)):
             out["settings"][name] = value
@@ -247,15 +305,19 @@ def pg_log_path(p, db):
 
 
 def app_db(env, known):
-    """The app's own DATABASE_URL tried once: what the app meets when it connects."""
+    """The app's own DATABASE_URL tried once: what the app meets when it connects. Returns the
+    user and database it names (not the password), so its refused logins can be told from others'."""
     url = env.get("DATABASE_URL")
     if not url:
-        return {"tried": False, "ok": None, "sqlstate": None, "error": None}
-    out = {"tried": True, "ok": False, "sqlstate": None, "error": None}
+        return {"tried": False, "ok": None, "sqlstate": None, "error": None, "user": None, "db": None}
+    out = {"tried": True, "ok": False, "sqlstate": None, "error": None, "user": None, "db": None}
     try:
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict
 
-        conn = psycopg.connect(url, connect_timeout=5, autocommit=True)
+        parts = conninfo_to_dict(url)
+        out["user"], out["db"] = parts.get("user"), parts.get("dbname")
+        conn = psycopg.connect(url, connect_timeout=5, autocommit=True, application_name=APPLICATION_NAME)
         conn.close()
         out["ok"] = True
     except Exception as exc:  # noqa: BLE001 - the answer is the error
@@ -279,6 +341,16 @@ def health(url, expected, known):
     return out
 
 
+def migrations_content(folder_path):
+    """The release's migration files (hoststate.folder_content), {} when unreadable."""
+    if not folder_path:
+        return {}
+    try:
+        return hoststate.folder_content(read_folder(folder_path))
+    except (OSError, MigrationError):
+        return {}
+
+
 def read_logs(p, db, processes, since_epoch, known):
     from ansible_collections.slipway.core.plugins.module_utils import pglog
 
@@ -293,10 +365,16 @@ def read_logs(p, db, processes, since_epoch, known):
             prefix = "%m [%p] "  # PostgreSQL's default, when the server could not be asked
             logs["pg"]["notes"].append("log_line_prefix unknown (the database did not answer): read as %r" % prefix)
         try:
+            if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+                raise OSError(0, "not a regular file")
             logs["pg"].update(pglog.read_log(path, prefix, since_epoch, known=known))
+            if logs["pg"].get("unreadable"):
+                logs["pg"]["error"] = "no line of %s matches log_line_prefix %r" % (path, prefix)
         except OSError as exc:
             logs["pg"]["error"] = "cannot read %s: %s; make it readable by this user (e.g. its group) or set " \
                                   "slipway_pg_log" % (path, exc.strerror or exc)
+        except Exception as exc:  # noqa: BLE001 - one odd line must not cost the whole look
+            logs["pg"]["error"] = "cannot parse %s: %s" % (path, redact_text(str(exc), known=known)[:200])
     files = []
     for proc in processes:  # the error log, and the combined log (where PM2 puts a worker's crash at start)
         for path in (proc.get("err_log"), proc.get("log")):
@@ -314,8 +392,11 @@ def read_logs(p, db, processes, since_epoch, known):
             files = []
     logs["app"] = [hoststate.read_since(f, since_epoch, known=known) for f in files]
     pm2_home = p["pm2_home"] or default_home()
-    logs["pm2"] = hoststate.read_since(os.path.join(pm2_home, "pm2.log"), since_epoch, known=known,
-                                       match="[%s:" % p["app_name"], keep=60)
+    # PM2's lines about the app: "App [name:id] ...", and its worker's "Process <id> restarted because it
+    # exceeds --max-memory-restart" (which names the id only)
+    needles = ["[%s:" % p["app_name"]] + ["Process %s restarted" % proc["pm_id"] for proc in processes
+                                           if proc.get("pm_id") is not None]
+    logs["pm2"] = hoststate.read_since(os.path.join(pm2_home, "pm2.log"), since_epoch, known=known, match=needles, keep=60)
     return logs
 
 
@@ -342,7 +423,7 @@ def main():
     p = module.params
     started = time.time()
     env = hoststate.env_file_values(os.path.join(p["app_dir"], layout.SHARED_DIR, layout.ENV_FILE))
-    known = list(pg.secrets(p)) + [v for k, v in env.items() if v and (is_secret_key(k) or len(v) >= 16 and k.endswith("URL"))]
+    known = list(pg.secrets(p)) + [v for k, v in env.items() if substantial(v) and (is_secret_key(k) or k.endswith("URL"))]
     out = dict(changed=False, now=started)
     try:
         health_path, health_status = "/api/health", 200
@@ -358,7 +439,8 @@ def main():
                                  "slipway_app_name in the inventory", **out)
         out["app_name"] = p["app_name"]
         out["release"] = hoststate.releases(p["app_dir"])
-        out["deploys"] = [redact_mapping({k: r.get(k) for k in hoststate.RECORD_KEYS}, known)
+        out["deploys"] = [dict({k: r.get(k) for k in hoststate.RECORD_KEYS},
+                               failure=redact_mapping(scrub_failure(r.get("failure")), known))
                           for r in hoststate.deploy_records(p["app_dir"], last=10)]
         out["lock"] = hoststate.lock(p["app_dir"])
         out["pm2"] = pm2_state(module, p["pm2_home"] or default_home(), p["app_name"], p["pm2_bin"])
@@ -372,6 +454,7 @@ def main():
             out["logs"] = read_logs(p, out["db"], out["pm2"]["processes"], since_epoch, known)
             out["logs"]["app_db"] = app_db(env, known)
             out["logs"]["since"] = since_epoch
+            out["migrations_content"] = migrations_content(out["db"].get("folder"))
     except Exception as exc:  # noqa: BLE001 - a module reports, it does not crash with secrets in a trace
         module.fail_json(msg=redact_text("%s: %s" % (type(exc).__name__, exc), known=known), **out)
     out["seconds"] = round(time.time() - started, 3)

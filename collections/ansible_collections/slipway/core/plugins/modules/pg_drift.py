@@ -142,17 +142,8 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.slipway.core.plugins.module_utils import migrate as engine
 from ansible_collections.slipway.core.plugins.module_utils import postgres as pg
 from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder
-from ansible_collections.slipway.core.plugins.module_utils.hoststate import deploy_running, migrations_folder
+from ansible_collections.slipway.core.plugins.module_utils.hoststate import deploy_running, folder_content, migrations_folder
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_text
-
-
-def folder_content(folder):
-    """{relative path: text} of the journal and every listed migration (for the controller's shadow)."""
-    content = {"meta/_journal.json": open(os.path.join(folder["folder"], "meta", "_journal.json")).read()}
-    for mig in folder["migrations"]:
-        with open(mig["file"]) as handle:
-            content[mig["tag"] + ".sql"] = handle.read()
-    return content
 
 
 def main():
