@@ -434,10 +434,11 @@ def test_demo_shows_the_incident_then_deploys_the_fix():
     before, _, after = out.partition("== 4. invoke deploy")
     assert 'HTTP 500 {"error": "Failed to track book view"}' in before
     assert "there is no unique or exclusion constraint matching the ON CONFLICT specification" in before
-    assert "drizzle.__drizzle_migrations: 7 rows; the journal has 8 migrations" in before
-    assert "MISSING" in before
-    assert "sandbox: WARNING - 1 finding(s); migrations: 7 applied, 1 pending" in before
-    assert "WARNING: drift check of sandbox" in before
+    # step 3 is invoke diagnose: the cause, the migration that makes the constraint, the fix
+    assert "sandbox: 1 cause(s) found - " in before and "migrations 7 applied, 1 pending" in before
+    assert "1. [42P10] INSERT ... ON CONFLICT (book_id, view_type) on book_view_statistics" in before
+    assert "migration 0007_add_unique_constraint_book_view_statistics creates it" in before
+    assert "fix: invoke deploy --host sandbox" in before
     for phase in ("preflight", "db_backup", "app_release", "db_migrate", "pm2_app", "smoke_test"):
         assert phase in after
     assert "OK: deployed" in after and 'HTTP 200 {"success": true}' in after
@@ -445,6 +446,8 @@ def test_demo_shows_the_incident_then_deploys_the_fix():
     assert len(views) == 1
     _, _, drift = after.partition("== 6. invoke drift --host sandbox")
     assert "sandbox: OK - 0 finding(s); migrations: 8 applied, 0 pending" in drift and "OK: drift check of sandbox" in drift
+    _, _, diagnosed = after.partition("== 7. invoke diagnose --host sandbox")
+    assert "sandbox: healthy - " in diagnosed
     host = sb.find_host("sandbox")
     env = host_env("sandbox")
     assert track(env, sb.INCIDENT_BOOK) == (200, {"success": True})  # still fixed after the demo
