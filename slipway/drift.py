@@ -229,12 +229,9 @@ def drift(host: str, as_json: bool = False, notify: str | None = None, metrics: 
     """Check, print (or one JSON document), write ``metrics``, POST to ``notify`` what changed,
     refresh the status page ``html`` (invoke status --html); returns the exit code."""
     from . import alerts
-    from .status import check_html_path
 
     notify = notify or os.environ.get("SLIPWAY_DRIFT_NOTIFY") or None  # a scheduled check's (drift.schedule)
     alerts.check_options(notify, metrics)
-    if html:
-        check_html_path(html)
     extra = tuple(name.strip() for name in (include or "").split(",") if name.strip())
     bad = [name for name in extra if name not in ("grants", "comments")]
     if bad:

@@ -36,14 +36,21 @@ def _lock_held_in_proc_locks(path):
             text = handle.read()
     except OSError:
         return None
-    wanted = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    device = "%02x:%02x" % (os.major(st.st_dev), os.minor(st.st_dev))
+    other_device = False
     for line in text.splitlines():
         parts = line.split()
         if "->" in parts:  # a waiter, not a holder
             continue
-        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[3] == "WRITE" and parts[5] == wanted:
+        if len(parts) < 6 or parts[1] != "FLOCK" or parts[3] != "WRITE":
+            continue
+        dev, _, inode = parts[5].rpartition(":")
+        if inode != str(st.st_ino):
+            continue
+        if dev == device:
             return True
-    return False
+        other_device = True  # btrfs subvolumes, overlayfs: stat's device is not the one /proc/locks shows
+    return None if other_device else False
 
 
 def deploy_running(app_dir):
@@ -193,7 +200,7 @@ def _line_time(line):
 
 def read_since(path, since_epoch, known=(), match=None, keep=LOG_LINES):
     """See below; ``match``: a string or several (a line with any of them is kept)."""
-    needles = (match,) if isinstance(match, str) else tuple(match) if match else None
+    needles = None if match is None else (match,) if isinstance(match, str) else tuple(match)
     return _read_since(path, since_epoch, known, needles, keep)
 
 

@@ -68,12 +68,19 @@ def daemon_pid(pm2_home):
         return None
     except PermissionError:
         pass
-    try:  # pm2.pid outlives a reboot: a pid reused by another process is no daemon
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            title = handle.read()
-    except OSError:
-        return pid  # no /proc here: trust the live pid
-    return pid if title.startswith(b"PM2") else None
+    if _written_before_boot(os.path.join(pm2_home, "pm2.pid")):
+        return None  # pm2.pid outlives a reboot: its pid now belongs to some other process
+    return pid
+
+
+def _written_before_boot(path):
+    """Whether ``path`` was last written before this machine booted (False when it cannot tell)."""
+    try:
+        with open("/proc/stat") as handle:
+            boot = next((float(line.split()[1]) for line in handle if line.startswith("btime ")), None)
+        return boot is not None and os.stat(path).st_mtime < boot
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def cwd_release(pid):

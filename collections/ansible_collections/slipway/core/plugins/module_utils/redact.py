@@ -19,7 +19,8 @@ MASK = "***"
 
 # Keys whose values are secrets. DATABASE_URL embeds a password, so it is masked whole.
 _SECRET_KEY = re.compile(
-    r"(PASS|PWD|SECRET|TOKEN|API_?KEY|PRIVATE_?KEY|(?:^|_)KEY(?:$|_)|SESSION|COOKIE|SIGNING|CREDENTIAL|DATABASE_URL|DSN|AUTH)",
+    r"((?:^|_)PASS(?:$|_|WORD|WD|PHRASE)|PASSWORD|PASSWD|PWD|SECRET|TOKEN|API_?KEY|PRIVATE_?KEY|(?:^|_)KEY$|CREDENTIAL|"
+    r"DATABASE_URL|DSN|AUTH)",
     re.IGNORECASE,
 )
 _URL_PASSWORD = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s\"']*:)(?P<pw>[^@\s\"']+)(?P<post>@)")
@@ -46,7 +47,7 @@ def redact_text(text, known=()):
     out = _BEARER.sub(lambda m: m.group("pre") + MASK, out)
 
     def _pair(m):
-        if is_secret_key(m.group("key").strip('"')):
+        if is_secret_key(m.group("key").strip('"')) and not re.match(r"^\$\d+$", m.group("val")):  # $1: a parameter
             val = m.group("val")
             quote = val[0] if val[:1] in ("'", '"') else ""
             return m.group("key") + m.group("sep") + quote + MASK + quote
@@ -84,7 +85,7 @@ def redact_mapping(value, known=()):
     if isinstance(value, dict):
         result = {}
         for key, item in value.items():
-            if is_secret_key(key) and isinstance(item, (str, int, float)) and item != "":
+            if is_secret_key(key) and isinstance(item, (str, int, float)) and not isinstance(item, bool) and item != "":
                 result[key] = MASK
             else:
                 result[key] = redact_mapping(item, known)

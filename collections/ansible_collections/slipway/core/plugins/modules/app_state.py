@@ -13,8 +13,8 @@ short_description: Read one host's app, PM2, database and log state for diagnose
 version_added: "0.6.0"
 description:
   - The host side of C(invoke status) and C(invoke diagnose), in one call. Reads the release
-    C(current) points at and the one before, the deploy records, the deploy lock (a shared lock
-    tried without waiting), PM2's processes of the app (C(pm2 jlist), only when a daemon runs),
+    C(current) points at and the one before, the deploy records, the deploy lock (read from /proc/locks,
+    never taken), PM2's processes of the app (C(pm2 jlist), only when a daemon runs),
     the database - reachable or not and with which SQLSTATE, the migration history classified
     against drizzle's tracking table, the log settings - and the newest verified backup.
   - With I(since) above zero it also reads, since that many seconds ago, the ERROR/FATAL lines of
@@ -423,7 +423,8 @@ def main():
     p = module.params
     started = time.time()
     env = hoststate.env_file_values(os.path.join(p["app_dir"], layout.SHARED_DIR, layout.ENV_FILE))
-    known = list(pg.secrets(p)) + [v for k, v in env.items() if substantial(v) and (is_secret_key(k) or k.endswith("URL"))]
+    # the values masked anywhere in the output: the app's secrets, and URLs that carry credentials
+    known = list(pg.secrets(p)) + [v for k, v in env.items() if substantial(v) and (is_secret_key(k) or "@" in v and "://" in v)]
     out = dict(changed=False, now=started)
     try:
         health_path, health_status = "/api/health", 200
