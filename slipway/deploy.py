@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import secrets as pysecrets
 import signal
 import sys
@@ -78,6 +79,40 @@ def runtime_lines(pythons: dict, runtimes: dict) -> list[str]:
                   "PyPI wheels, cached" if rt.cached else "PyPI wheels, downloaded now")
         lines.append(f"  runtime {rt.id} ({origin}) for Python {xy}: {', '.join(hosts)}")
     return lines
+
+
+_SERIAL = re.compile(r"^(?:([1-9][0-9]*)|([1-9][0-9]?|100)%)$")
+
+
+def rollout(hosts: list[str]) -> dict:
+    """How the hosts are rolled out: the inventory's ``slipway_serial`` (how many hosts deploy at
+    once: a number, or a percentage of the hosts; 1 by default) and ``slipway_max_fail_percentage``
+    (how many of a batch may fail before the rollout stops; 0 by default), alike on every host, and
+    the batches in the order the playbook takes them (Ansible's: a percentage rounds down, at least
+    one host)."""
+    from .inventory import host_vars
+
+    seen = {}
+    for name in hosts:
+        hv = host_vars(name)
+        seen[name] = (str(hv.render("slipway_serial", 1)).strip(), str(hv.render("slipway_max_fail_percentage", 0)).strip())
+    values = set(seen.values())
+    if len(values) > 1:
+        detail = "; ".join(f"{n}: {v[0]}, {v[1]}" for n, v in sorted(seen.items()))
+        raise SlipwayError(f"the hosts of one deploy set slipway_serial / slipway_max_fail_percentage differently ({detail}); "
+                           "set them once, for the group")
+    serial, max_fail = values.pop() if values else ("1", "0")
+    m = _SERIAL.match(serial)
+    if not m:
+        raise SlipwayError(f"slipway_serial {serial!r} is not a number of hosts or a percentage; set e.g. "
+                           "slipway_serial: 2 or slipway_serial: 25% in the inventory")
+    if not re.match(r"^(?:[0-9]|[1-9][0-9]|100)$", max_fail):
+        raise SlipwayError(f"slipway_max_fail_percentage {max_fail!r} is not a percentage from 0 to 100; set e.g. "
+                           "slipway_max_fail_percentage: 0 in the inventory")
+    size = int(m.group(1)) if m.group(1) else max(1, int(len(hosts) * int(m.group(2)) / 100))
+    batches = [hosts[i:i + size] for i in range(0, len(hosts), size)]
+    return {"serial": int(serial) if m.group(1) else serial, "max_fail_percentage": int(max_fail), "size": size,
+            "batches": batches}
 
 
 def new_run_id() -> str:
@@ -366,6 +401,27 @@ def build_report(host: str, hosts: list[str], run_id: str, release_id: str, sour
     return report
 
 
+def rollout_line(plan: dict) -> str:
+    batches = "; ".join(f"{i}: {', '.join(b)}" for i, b in enumerate(plan["batches"], 1))
+    return (f"rollout: {len(plan['batches'])} batch(es) of up to {plan['size']} (slipway_serial {plan['serial']}, "
+            f"slipway_max_fail_percentage {plan['max_fail_percentage']}) - {batches}")
+
+
+def add_rollout(report: dict, plan: dict) -> None:
+    """The batches in the report, each host's batch, and where a stopped rollout stopped."""
+    report["rollout"] = {k: plan[k] for k in ("serial", "max_fail_percentage", "size", "batches")}
+    reached = 0
+    for number, batch in enumerate(plan["batches"], 1):
+        for name in batch:
+            if name in report["hosts"]:
+                report["hosts"][name]["batch"] = number
+                if report["hosts"][name]["result"] != "not run":
+                    reached = number
+    # a later batch none of whose hosts ran: the rollout stopped after the last one that did
+    stopped = 0 < reached < len(plan["batches"]) and report["result"] != "ok"
+    report["rollout"]["stopped_after_batch"] = reached if stopped else None
+
+
 def render_report(report: dict, lints: dict | None = None) -> list[str]:
     """The summary printed after a deploy: the phase table, the plan (--check, with ``lints`` from
     lint_plans), each host's failure and what to do next, and the one-line outcome. Pure: no I/O."""
@@ -373,6 +429,10 @@ def render_report(report: dict, lints: dict | None = None) -> list[str]:
     release_id = report["release"]
     how = next((h["interrupted"]["how"] for h in report["hosts"].values() if h.get("interrupted")), "")
     lines = ["", *_summary_table(report)]
+    stopped = (report.get("rollout") or {}).get("stopped_after_batch")
+    if stopped:
+        later = [n for b in report["rollout"]["batches"][stopped:] for n in b]
+        lines.append(f"\nthe rollout stopped after batch {stopped} (a host failed there); not deployed: {', '.join(later)}")
     if report["check"]:
         lines += ["", *_check_lines(report, lints or {})]
     for name, info in report["hosts"].items():
@@ -404,6 +464,7 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
     if report_path:
         check_report_path(report_path)
     known = check_hosts(hosts)  # the vault decrypts, every secret is there: before anything is built or locked
+    plan = rollout(hosts)  # the batches: a bad setting stops here, before anything is built or locked
     with rel.resolved(release) as source:  # resolved once (a git ref: one archive), settings read once
         if source.app.needs_token:  # the app's smoke tests send the API token (slipway.yml): before a build
             check_hosts(hosts, required=("slipway_api_token",), optional=())
@@ -423,7 +484,10 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
     for line in runtime_lines(pythons, runtimes):
         print(line, file=out, flush=True)
     tracker = PhaseTracker(out)
-    extravars = deploy_extravars(run_id, built, runtimes)
+    extravars = {**deploy_extravars(run_id, built, runtimes), "slipway_rollout_serial": plan["serial"],
+                 "slipway_rollout_max_fail_percentage": plan["max_fail_percentage"]}
+    if len(hosts) > 1:
+        print(rollout_line(plan), file=out, flush=True)
     command = "invoke deploy --host " + host + (" --check" if check else "")
     interrupted: dict = {}
     how = ""
@@ -451,6 +515,7 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
         raise SlipwayError(str(exc), exit_code=Exit.LOCK_HELD) from None
     report = build_report(host, hosts, run_id, built.id, built.source, check, result, known, tracker,
                           interrupted, how, round(time.monotonic() - started, 2))
+    add_rollout(report, plan)
     for line in render_report(report, lint_plans(report, built.migrations) if check else None):
         print(line, file=out)
     out.flush()
