@@ -1,12 +1,12 @@
 """The pure parts of a takeover and of a removed environment key: which PM2 action the processes
-call for (pm2_app.decide), which keys left a .env (app_release.env_keys) and what a takeover
+call for (module_utils pm2.decide), which keys left a .env (app_release.env_keys) and what a takeover
 copies from the hand-deployed directory (app_release.adoption). No hosts; real files in tmp_path."""
 from __future__ import annotations
 
 import os
 
 from ansible_collections.slipway.core.plugins.module_utils import pm2
-from ansible_collections.slipway.core.plugins.modules import app_release, pm2_app
+from ansible_collections.slipway.core.plugins.modules import app_release
 
 CURRENT = "/srv/app/current"
 
@@ -16,26 +16,26 @@ def proc(cwd=CURRENT, mode="cluster_mode", status="online", release="r1", script
 
 
 def test_processes_started_elsewhere_are_handed_over_without_a_gap_in_cluster_mode():
-    action, reason = pm2_app.decide([proc("/var/www/reader.market", release="reader.market")] * 2, CURRENT, "r1", "auto")
+    action, reason = pm2.decide([proc("/var/www/reader.market", release="reader.market")] * 2, CURRENT, "r1", "auto")
     assert action == "replaced" and "/var/www/reader.market" in reason and "no gap" in reason
 
 
 def test_a_handover_needs_every_instance_online_in_cluster_mode():
     old = "/var/www/reader.market"
-    assert pm2_app.decide([proc(old, mode="fork_mode")], CURRENT, "r1", "auto")[0] == "restarted"
-    action, reason = pm2_app.decide([proc(old), proc(old, status="errored")], CURRENT, "r1", "auto")
+    assert pm2.decide([proc(old, mode="fork_mode")], CURRENT, "r1", "auto")[0] == "restarted"
+    action, reason = pm2.decide([proc(old), proc(old, status="errored")], CURRENT, "r1", "auto")
     assert action == "restarted" and "short gap" in reason
 
 
 def test_reload_replace_replaces_processes_that_run_from_current():
-    action, reason = pm2_app.decide([proc(), proc()], CURRENT, "r1", "replace")
+    action, reason = pm2.decide([proc(), proc()], CURRENT, "r1", "replace")
     assert action == "replaced" and "reload=replace" in reason
-    assert pm2_app.decide([proc(), proc()], CURRENT, "r1", "auto")[0] == "none"
-    assert pm2_app.decide([], CURRENT, "r1", "replace")[0] == "started"
+    assert pm2.decide([proc(), proc()], CURRENT, "r1", "auto")[0] == "none"
+    assert pm2.decide([], CURRENT, "r1", "replace")[0] == "started"
 
 
 def test_reload_never_leaves_processes_started_elsewhere():
-    assert pm2_app.decide([proc("/elsewhere")], CURRENT, "r1", "never") == ("none", "reload=never")
+    assert pm2.decide([proc("/elsewhere")], CURRENT, "r1", "never") == ("none", "reload=never")
 
 
 def test_under_is_the_app_dir_or_inside_it():

@@ -150,6 +150,20 @@ def read_folder(folder):
     }
 
 
+def write_folder(top, content):
+    """Write ``{relative path: text}`` under ``top`` (paths must stay inside it); returns ``top``/migrations."""
+    root = os.path.join(top, "migrations")
+    for rel, text in content.items():
+        path = os.path.normpath(os.path.join(root, rel))
+        if not path.startswith(root + os.sep) or not (rel == "meta/_journal.json" or rel.endswith(".sql")):
+            raise MigrationError("migrations_content key %r is not meta/_journal.json or <tag>.sql inside the folder" % rel)
+        if not os.path.isdir(os.path.dirname(path)):
+            os.makedirs(os.path.dirname(path), 0o700)
+        with open(path, "w") as handle:
+            handle.write(text)
+    return root
+
+
 def drizzle_would_apply(migrations, rows):
     """Tags drizzle-orm's migrator would run now: entries newer than the newest row by created_at
     (``ORDER BY created_at DESC LIMIT 1``: NULLs sort first there, and Number(null) is 0)."""

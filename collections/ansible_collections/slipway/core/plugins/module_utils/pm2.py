@@ -238,3 +238,40 @@ def app_error_line(lines, skip=()):
         if _ERROR_HEAD.match(text):
             head = text
     return head or last
+
+
+def can_hand_over(procs):
+    """Whether new workers can serve beside ``procs`` before they go: every one online in PM2's
+    cluster mode (the PM2 daemon holds the listening socket and shares it with the workers of any
+    app on the same address, so a second app's workers take connections at once)."""
+    return bool(procs) and all(p.get("exec_mode") == "cluster_mode" and p.get("status") == "online" for p in procs)
+
+
+def decide(procs, current, release, reload_mode):
+    """(action, reason) for the processes PM2 runs now."""
+    if not procs:
+        return "started", "the app is not running under PM2"
+    elsewhere = sorted(set(p.get("pm_cwd") or "?" for p in procs
+                           if p.get("pm_cwd") != current or not str(p.get("pm_exec_path") or "").startswith(current + "/")))
+    if (elsewhere and reload_mode != "never") or reload_mode == "replace":
+        why = ("processes were started from %s, not from %s, so a reload would keep running that code" % (
+            ", ".join(elsewhere), current) if elsewhere and reload_mode != "replace" else
+            "reload=replace (new processes, with nothing of the old ones' environment: `pm2 reload --update-env` "
+            "merges it, so a removed key would stay)")
+        if can_hand_over(procs):
+            return "replaced", ("%s; new workers started from the current link beside them, then the old ones "
+                                "deleted (no gap)" % why)
+        return "restarted", ("%s; deleted and started again from the current link (not every instance is online in "
+                             "cluster mode, so new workers cannot serve beside them: a short gap)" % why)
+    others = sorted(set(str(p.get("release")) for p in procs if p.get("release") != release))
+    not_online = [p for p in procs if p.get("status") != "online"]
+    if reload_mode == "never":
+        return "none", "reload=never"
+    if others:
+        return "reloaded", "running release %s, current is %s" % (", ".join(others), release)
+    if not_online:
+        return "reloaded", "%d of %d instances not online (%s)" % (
+            len(not_online), len(procs), ",".join(sorted(set(str(p.get("status")) for p in not_online))))
+    if reload_mode == "always":
+        return "reloaded", "reload=always"
+    return "none", "release %s runs on all %d instances from the current link" % (release, len(procs))

@@ -145,7 +145,6 @@ plan:
   type: dict
 """
 
-import os
 import shutil
 import tempfile
 
@@ -153,22 +152,8 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.slipway.core.plugins.module_utils import migrate as engine
 from ansible_collections.slipway.core.plugins.module_utils import postgres as pg
 from ansible_collections.slipway.core.plugins.module_utils import runguard
-from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder, write_folder
 from ansible_collections.slipway.core.plugins.module_utils.redact import redact_mapping, redact_text
-
-
-def write_folder(top, content):
-    """Write ``{relative path: text}`` under ``top`` (paths must stay inside it); returns ``top``/migrations."""
-    root = os.path.join(top, "migrations")
-    for rel, text in content.items():
-        path = os.path.normpath(os.path.join(root, rel))
-        if not path.startswith(root + os.sep) or not (rel == "meta/_journal.json" or rel.endswith(".sql")):
-            raise MigrationError("migrations_content key %r is not meta/_journal.json or <tag>.sql inside the folder" % rel)
-        if not os.path.isdir(os.path.dirname(path)):
-            os.makedirs(os.path.dirname(path), 0o700)
-        with open(path, "w") as handle:
-            handle.write(text)
-    return root
 
 
 def main():
