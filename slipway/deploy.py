@@ -29,8 +29,8 @@ RESCUE = "rescue"  # the role playbooks/deploy.yml runs in its block's rescue: (
 
 
 def playbook_phases(playbook: Path = PLAYBOOKS / "deploy.yml") -> tuple[str, ...]:
-    """The deploy's phases: the roles ``playbook`` imports, in the order it runs them (a phase's
-    name is its role's name), the rescue aside."""
+    """The deploy's phases: the roles ``playbook`` imports, itself or in the task files it
+    includes, in the order it runs them (a phase's name is its role's name), the rescue aside."""
     import yaml
 
     names: list[str] = []
@@ -44,6 +44,11 @@ def playbook_phases(playbook: Path = PLAYBOOKS / "deploy.yml") -> tuple[str, ...
             for action in ("ansible.builtin.import_role", "ansible.builtin.include_role"):
                 if isinstance(item.get(action), dict):
                     names.append(item[action]["name"])
+            for action in ("ansible.builtin.import_tasks", "ansible.builtin.include_tasks"):
+                target = item.get(action)
+                target = target.get("file") if isinstance(target, dict) else target
+                if isinstance(target, str):  # a task file beside the playbook (playbooks/tasks/)
+                    walk(yaml.safe_load((playbook.parent / target).read_text()))
             for key in ("roles", "tasks", "block", "rescue", "always"):
                 walk(item.get(key))
 
@@ -390,6 +395,8 @@ def build_report(host: str, hosts: list[str], run_id: str, release_id: str, sour
             "stopped": _truthy(info.get("stopped")),
             "took_over": info.get("took_over") or None,
             "handover": info.get("handover") or None,
+            # preflight found nothing this deploy could change there: only its health and smoke tests ran
+            "noop": _truthy(info.get("noop")),
         }
         if cut is not None:
             report["hosts"][name]["interrupted"] = {
@@ -435,6 +442,10 @@ def render_report(report: dict, lints: dict | None = None) -> list[str]:
         lines.append(f"\nthe rollout stopped after batch {stopped} (a host failed there); not deployed: {', '.join(later)}")
     if report["check"]:
         lines += ["", *_check_lines(report, lints or {})]
+    unchanged = [n for n, h in report["hosts"].items() if h.get("noop") and h["result"] == "ok" and not report["check"]]
+    if unchanged:
+        lines.append(f"\nnothing to change on {', '.join(unchanged)}: {release_id} already serves there and nothing is "
+                     f"pending; {'its' if len(unchanged) == 1 else 'their'} lock, plan, health and smoke tests were checked")
     for name, info in report["hosts"].items():
         lines += _takeover_lines(name, info, report["check"])
         lines += _failure_lines(name, info, report["host"])

@@ -163,6 +163,75 @@ def test_second_deploy_changes_nothing_and_passes_smoke(hosts):
     assert sorted(host.backup_dir.glob("*.dump")) == backups
     assert pm2_pids(host) == pids
     assert "0 change(s)" in proc.stdout
+    # the fast path: nothing could change, so only preflight (lock, plan) and the smoke tests (health) ran
+    assert report["hosts"]["sandbox"]["noop"] is True
+    assert phase_names(report, "sandbox") == ["preflight", "smoke_test"]
+    assert "nothing to change on sandbox" in proc.stdout
+    record = json.loads((host.app_dir / ".slipway" / "deploys.jsonl").read_text().splitlines()[-1])
+    assert record["run_id"] == report["run_id"] and record["result"] == "ok" and record["noop"] is True
+
+
+def test_noop_deploy_still_refuses_a_wrong_lock_plan_or_health(hosts):
+    """A deploy that can change nothing still proves the host: a lock held elsewhere, a plan that
+    would be refused (an applied migration edited since) or an app that does not answer its health
+    check each fail it - exit 4 or 1 - and nothing changes."""
+    import fcntl
+    import signal
+
+    host, env = hosts["hosts"]["sandbox"], hosts["env"]["sandbox"]
+    records = host.app_dir / ".slipway" / "deploys.jsonl"
+
+    def state():
+        return current(host), pm2_pids(host), schema(host), sorted(host.backup_dir.glob("*.dump"))
+
+    before = state()
+    # the lock: another process holds it
+    fd = os.open(host.app_dir / ".slipway" / "deploy.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        proc = cli("deploy", "--host", "sandbox", check=False)
+        assert proc.returncode == 4, proc.stdout + proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: deploy already running on sandbox")
+    finally:
+        os.close(fd)
+    assert state() == before
+
+    # the plan: the newest applied migration's tracking row no longer matches its file (tampered)
+    (row_id, digest), = db(env, "SELECT id, hash FROM drizzle.__drizzle_migrations ORDER BY id DESC LIMIT 1")
+    db(env, "UPDATE drizzle.__drizzle_migrations SET hash = %s WHERE id = %s", ("0" * 64, row_id))
+    try:
+        lines_before = len(records.read_text().splitlines())
+        proc, report = deploy("--host", "sandbox", expect=1)
+        info = report["hosts"]["sandbox"]
+        assert info["failure"]["phase"] == "preflight" and "tampered" in info["failure"]["cause"], proc.stdout
+        assert phase_names(report, "sandbox") == ["preflight"]
+        assert len(records.read_text().splitlines()) == lines_before  # stopped before the deploy began
+    finally:
+        db(env, "UPDATE drizzle.__drizzle_migrations SET hash = %s WHERE id = %s", (digest, row_id))
+    assert state() == before
+
+    # health: PM2 still shows every instance online on the release, but none answers
+    pids = pm2_pids(host)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        proc, report = deploy("--host", "sandbox", expect=1)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    info = report["hosts"]["sandbox"]
+    assert info["noop"] is True and info["result"] == "failed", proc.stdout
+    assert info["failure"]["phase"] == "smoke_test" and not info["rolled_back"], proc.stdout
+    assert phase_names(report, "sandbox")[:2] == ["preflight", "smoke_test"]
+    record = json.loads(records.read_text().splitlines()[-1])
+    assert record["run_id"] == report["run_id"] and record["result"] == "failed"
+    assert state() == before
+    # and once the app answers again, the same no-op passes
+    deadline = time.monotonic() + 30
+    while health(env)[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc, report = deploy("--host", "sandbox")
+    assert report["hosts"]["sandbox"]["noop"] is True and report["changed"] == 0
 
 
 def test_check_prints_the_plan_and_changes_nothing(hosts):
