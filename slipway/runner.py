@@ -201,10 +201,16 @@ def run_read_only(playbook: str, hosts: list[str], extravars: dict, key: str) ->
     data = {}
     if pythons:
         runtimes = rt.runtimes(list(pythons.values()))
-        result = run_playbook(playbook, ",".join(sorted(pythons)), {**rt.extravars(runtimes), **extravars})
+        # each host's Python X.Y as probed: the playbook sets the module runtime's path from it, and
+        # installs the runtime only where a module finds it missing (one module call per host)
+        xy = {name: ".".join(found.version.split(".")[:2]) for name, found in pythons.items()}
+        result = run_playbook(playbook, ",".join(sorted(pythons)),
+                              {**rt.extravars(runtimes), "slipway_host_pythons": xy, **extravars})
         data = result["data"].get(key, {})
         for f in result["failures"]:
             msg = " ".join(f["msg"]) if isinstance(f["msg"], list) else str(f["msg"])
+            if f["host"] in data:
+                continue  # a failure its play rescued (the module runtime installed, the read run again)
             if f["host"] in pythons:
                 failures[f["host"]] = msg
             else:  # the playbook failed as a whole (before any host's task): every host without an answer

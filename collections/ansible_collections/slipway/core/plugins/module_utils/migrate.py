@@ -91,12 +91,13 @@ def lock_key(schema, table):
 
 def require_libraries(module):
     """Fail the Ansible ``module`` (one line) when psycopg or pglast cannot be imported: slipway's
-    module runtime is not on its PYTHONPATH."""
+    module runtime is not on its PYTHONPATH. ``missing_libraries`` in the result tells a playbook
+    that installing the runtime and running the module again is the fix."""
     from ansible.module_utils.basic import missing_required_lib
 
     for ok, name, error in ((HAS_PSYCOPG, "psycopg", PSYCOPG_IMPORT_ERROR), (HAS_PGLAST, "pglast", PGLAST_IMPORT_ERROR)):
         if not ok:
-            module.fail_json(msg=missing_required_lib(name), exception=str(error))
+            module.fail_json(msg=missing_required_lib(name), exception=str(error), missing_libraries=[name])
 
 
 def _ms(start):
