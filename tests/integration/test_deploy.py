@@ -381,7 +381,8 @@ def test_group_deploy_then_rollback_and_restore_on_request(hosts, tmp_path):
 
 
 def test_migrations_run_once_per_database_in_a_group(hosts):
-    """Two inventory hosts on one database: only the first migrates it (and backs it up)."""
+    """Two inventory hosts on one database, deployed in one batch (slipway_serial 2): only the first
+    migrates it (and backs it up)."""
     import yaml
 
     from slipway import vault
@@ -391,7 +392,8 @@ def test_migrations_run_once_per_database_in_a_group(hosts):
     assert db(hosts["env"]["sandbox-2"], "SELECT count(*) FROM drizzle.__drizzle_migrations") == [(7,)]  # restored above
     # `app1-on-db2`: the sandbox host's sshd and app dir, pointed at sandbox-2's database
     alias = {**sb.host_vars(h1, ctl), "slipway_db_host": h2.address}
-    inventory = {"all": {"children": {"shareddb": {"hosts": {"sandbox-2": {}, "app1-on-db2": alias}}}}}
+    inventory = {"all": {"children": {"shareddb": {"hosts": {"sandbox-2": {}, "app1-on-db2": alias},
+                                                   "vars": {"slipway_serial": 2}}}}}
     extra = ctl.inventory_dir / "shareddb.yml"
     extra.write_text(yaml.safe_dump(inventory))
     secrets2 = vault.load(ctl.vault_file("sandbox-2"), ctl.vault_password_file)
@@ -405,6 +407,7 @@ def test_migrations_run_once_per_database_in_a_group(hosts):
         shutil.rmtree(ctl.vault_file("app1-on-db2").parent)
     order = [name for name in report["hosts"]]  # play order: the first host of the database is its primary
     assert sorted(order) == ["app1-on-db2", "sandbox-2"]
+    assert report["rollout"]["size"] == 2 and [sorted(b) for b in report["rollout"]["batches"]] == [sorted(order)]
     first, second = report["hosts"][order[0]], report["hosts"][order[1]]
     assert first["plan"]["to_apply"] == second["plan"]["to_apply"] == [TAG_0007]  # both see the pending migration
     assert first["migrations_applied"] == [TAG_0007] and first["backup"] is not None
