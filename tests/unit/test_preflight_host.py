@@ -35,31 +35,42 @@ def test_the_rescue_returns_to_what_serves_unless_only_failed_deploys_know_it():
     assert mod.rescue_release("r1", [online("r1")], "app", [ok]) == "r1"
     # r2 serves but no deploy of it ever passed: back to the last release that did
     assert mod.rescue_release("r2", [online("r2")], "app", [ok, bad]) == "r1"
-    # current is not online: the last good one
-    assert mod.rescue_release("r1", [online("r1", "errored")], "app", [ok]) == "r1"
+    # current is not online: the newest release a deploy of passed, not current
+    assert mod.rescue_release("r2", [online("r2", "errored")], "app", [{"result": "ok", "release": "r2"}, ok]) == "r1"
     assert mod.rescue_release("r3", [online("r3", "stopped")], "app", [bad]) is None
     # a hand-deployed host: what serves is the only release there is
     assert mod.rescue_release("r9", [online("r9")], "app", []) == "r9"
 
 
 def test_shared_env_changes_when_its_text_or_its_keys_differ(tmp_path):
-    app = str(tmp_path)
-    assert mod.env_state(app, None) == {"changed": False, "removed": [], "error": None}
-    assert mod.env_state(app, {"A": "1"})["changed"] is True  # no file yet
-    os.makedirs(layout.shared_dir(app))
-    env = os.path.join(layout.shared_dir(app), layout.ENV_FILE)
     from ansible_collections.slipway.core.plugins.module_utils.appdir import env_text
 
-    with open(env, "w") as handle:
+    app = str(tmp_path)
+    assert mod.env_state(app, None) == {"changed": False, "removed": [], "error": None}
+    assert mod.env_state(app, env_text({"A": "1"}))["changed"] is True  # no file yet
+    os.makedirs(layout.shared_dir(app))
+    with open(os.path.join(layout.shared_dir(app), layout.ENV_FILE), "w") as handle:
         handle.write(env_text({"A": "1", "B": "2"}))
-    assert mod.env_state(app, {"A": "1", "B": "2"}) == {"changed": False, "removed": [], "error": None}
-    assert mod.env_state(app, {"A": "1"}) == {"changed": True, "removed": ["B"], "error": None}
-    assert "not an environment variable name" in mod.env_state(app, {"1A": "x"})["error"]
+    assert mod.env_state(app, env_text({"A": "1", "B": "2"})) == {"changed": False, "removed": [], "error": None}
+    assert mod.env_state(app, env_text({"A": "1"})) == {"changed": True, "removed": ["B"], "error": None}
+
+
+def test_the_env_file_text_leaves_the_controller_as_one_text_and_a_bad_key_is_one_line():
+    import pytest
+    from ansible.errors import AnsibleFilterError
+    from ansible_collections.slipway.core.plugins.filter.env_file import env_file_text
+
+    text = env_file_text({"PORT": 3000, "DATABASE_URL": "postgresql://u:s3cret@db/x"})
+    assert text.splitlines()[1:] == ["DATABASE_URL=postgresql://u:s3cret@db/x", "PORT=3000"]
+    with pytest.raises(AnsibleFilterError) as err:
+        env_file_text({"1A": "s3cret"})
+    assert "1A" in str(err.value) and "s3cret" not in str(err.value)
 
 
 def test_a_deploy_is_a_noop_only_when_nothing_at_all_would_change():
     release = {"installed": True, "current": "r1"}
-    pm2 = {"error": None, "action": "none", "reason": "release r1 runs on all 2 instances", "modes_to_fix": []}
+    pm2 = {"error": None, "action": "none", "reason": "release r1 runs on all 2 instances", "modes_to_fix": [],
+           "handover_left": 0, "env_releases": ["r1"]}
     env = {"changed": False, "removed": [], "error": None}
     plan = {"applied": [], "blockers": [], "error": None}
     assert mod.noop_why("r1", release, pm2, env, [], plan) == []
@@ -68,6 +79,8 @@ def test_a_deploy_is_a_noop_only_when_nothing_at_all_would_change():
         (dict(release=dict(release, current="r0")), "current points at r0"),
         (dict(pm2=dict(pm2, action="reloaded", reason="1 of 2 instances not online")), "not online"),
         (dict(pm2=dict(pm2, modes_to_fix=["/home/u/.pm2 (0755 -> 0700)"])), "not private"),
+        (dict(pm2=dict(pm2, handover_left=2)), "handover app"),
+        (dict(pm2=dict(pm2, env_releases=["r0", "r1"])), "RELEASE_ID r0"),
         (dict(env=dict(env, changed=True)), "shared/.env"),
         (dict(takeover=["/var/www/app"]), "/var/www/app"),
         (dict(plan=None), "not planned"),

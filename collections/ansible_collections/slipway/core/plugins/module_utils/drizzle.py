@@ -18,11 +18,14 @@ Pure Python (no database access): the folder and the tracking rows go in, a clas
 """
 from __future__ import absolute_import, annotations, division, print_function
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 
 __metaclass__ = type
 
@@ -162,6 +165,17 @@ def write_folder(top, content):
         with open(path, "w") as handle:
             handle.write(text)
     return root
+
+
+@contextlib.contextmanager
+def folder_from_content(content):
+    """read_folder of ``content`` (``{relative path: text}``) written to a private temporary folder,
+    removed when the block ends."""
+    tmpdir = tempfile.mkdtemp(prefix="slipway-migrations-")
+    try:
+        yield read_folder(write_folder(tmpdir, content))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def drizzle_would_apply(migrations, rows):

@@ -46,6 +46,10 @@ _ENV_FIELDS = (
     "max_memory_restart",
 )
 
+# The second PM2 app a takeover's handover runs beside the app (pm2_app action=replaced), deleted by
+# the next health gate that passes.
+HANDOVER_SUFFIX = "~slipway-handover"
+
 # Files PM2 writes with every process's environment (DATABASE_URL, tokens) in them.
 DUMP_FILES = ("dump.pm2", "dump.pm2.bak")
 
@@ -126,6 +130,9 @@ def summarize_jlist(text):
         # (<app>/releases/<id>), else the RELEASE_ID it was started with (never the whole env).
         app_env = env.get("env") or {}
         proc["release"] = cwd_release(item.get("pid")) or env.get("RELEASE_ID") or app_env.get("RELEASE_ID")
+        # the RELEASE_ID it was started with, which the app reports (a worker PM2 restarted during a
+        # failed reload keeps that reload's, whatever directory it runs from)
+        proc["env_release"] = env.get("RELEASE_ID") or app_env.get("RELEASE_ID")
         monit = item.get("monit") or {}
         proc["memory"] = monit.get("memory")
         proc["cpu"] = monit.get("cpu")

@@ -18,19 +18,22 @@ description:
     version, whether I(release) is installed and which release C(current) points at, what PM2 runs
     of the app, the deploy records (the release a failed deploy may return to), and whether the
     app's C(shared/.env) would change.
-  - With I(plan) and the runtime installed and the lock held by I(run_id), it also plans the
-    release's migrations as C(slipway.core.pg_migrations) does in check mode (the rehearsal is
+  - With I(plan), the runtime installed, the lock held by I(run_id) (unless not I(require_lock)) and
+    no tool missing, it also plans the release's migrations as C(slipway.core.pg_migrations) does in check mode (the rehearsal is
     rolled back) and, when the plan applies anything, estimates the space a backup needs.
     Otherwise the plan is left to that module (C(plan_run) false, with the reason).
   - Nothing is refused here - what is wrong is returned, and the preflight role asserts each
     concern in its order, with its own message. Only slipway's own state directory is written
     (created 0700 when missing); in check mode too.
   - C(noop) tells a deploy that can change nothing on this host - the release installed and
-    current, PM2 running it online on every instance from the C(current) link, C(shared/.env)
-    unchanged, no takeover, nothing to migrate and PM2_HOME private - so the deploy only proves
-    the host (lock, plan, health, smoke) and skips the steps that cannot change anything.
+    current, PM2 running it online on every instance from the C(current) link and started with its
+    RELEASE_ID, no handover app left, C(shared/.env) unchanged, no takeover, nothing to migrate and
+    PM2_HOME private - so the deploy only proves the host (lock, plan, health, smoke) and skips the
+    steps that cannot change anything. It is decided here, when preflight runs; a later batch acts
+    on it as read then.
 extends_documentation_fragment:
   - slipway.core.postgres
+  - slipway.core.migrations.plan
 options:
   app_dir:
     description: The app directory (releases, current, shared/.env, .slipway).
@@ -43,9 +46,13 @@ options:
     type: dict
     default: {}
   run_id:
-    description: The deploy run that must hold the host's deploy lock; empty - the lock is only read.
+    description: The deploy run that holds the host's deploy lock (C(lock.ours) tells whether it does).
     type: str
     default: ""
+  require_lock:
+    description: Plan only when the lock is held by I(run_id) (a deploy); false - the lock is only read.
+    type: bool
+    default: true
   tools:
     description: Commands that must be on the PATH (the later phases run them).
     type: list
@@ -68,10 +75,11 @@ options:
     description: The pm2 executable.
     type: str
     default: pm2
-  env:
+  env_content:
     description: The text C(shared/.env) gets from the inventory's C(slipway_app_env) (as C(app_release)'s
-      I(env)); unset - the file is the app's own and never changes in a deploy.
-    type: dict
+      I(env_content); the filter C(slipway.core.env_file_text)); unset - the file is the app's own and never
+      changes in a deploy.
+    type: str
   plan:
     description: Plan the migrations in I(migrations_content) when the runtime is installed and the lock is
       this run's.
@@ -80,39 +88,6 @@ options:
   migrations_content:
     description: The release's migrations folder as data (see C(slipway.core.pg_migrations)).
     type: dict
-  rehearse:
-    description: Rehearse the pending set in a transaction that is rolled back (the database's primary host only).
-    type: bool
-    default: true
-  lock_timeout:
-    description: C(lock_timeout) of the rehearsal.
-    type: str
-    default: 5s
-  include_skipped:
-    description: As C(slipway.core.pg_migrations).
-    type: bool
-    default: false
-  allow_tampered:
-    description: As C(slipway.core.pg_migrations).
-    type: bool
-    default: false
-  allow_unknown:
-    description: As C(slipway.core.pg_migrations).
-    type: bool
-    default: false
-  mode:
-    description: As C(slipway.core.pg_migrations).
-    type: str
-    choices: [online, transaction]
-    default: online
-  online_min_rows:
-    description: As C(slipway.core.pg_migrations).
-    type: int
-    default: 10000
-  online_lock_timeout:
-    description: As C(slipway.core.pg_migrations).
-    type: str
-    default: 20ms
   backup_dir:
     description: Where the deploy's backup goes; its free space is compared with the database's size when
       the plan applies anything.
@@ -167,7 +142,8 @@ release:
 pm2:
   description: C(error) (null, or why PM2 could not be read), C(processes) (the app's instances), C(outside)
     (directories the app runs from outside I(app_dir)), C(action) and C(reason) (what a deploy of I(release) would
-    do in PM2), C(modes_to_fix) (PM2_HOME files to make private).
+    do in PM2), C(modes_to_fix) (PM2_HOME files to make private), C(handover_left) (instances of a takeover's
+    handover app still running), C(env_releases) (the RELEASE_IDs the instances were started with).
   returned: always
   type: dict
 rescue_release:
@@ -201,16 +177,16 @@ noop:
 import os
 import shutil
 import subprocess
-import tempfile
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.slipway.core.plugins.module_utils import hoststate, layout, runguard
 from ansible_collections.slipway.core.plugins.module_utils import postgres as pg
 from ansible_collections.slipway.core.plugins.module_utils import runtime as modruntime
-from ansible_collections.slipway.core.plugins.module_utils.appdir import current_release, env_keys, env_text, installed
-from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, read_folder, write_folder
+from ansible_collections.slipway.core.plugins.module_utils.appdir import current_release, env_keys, installed
+from ansible_collections.slipway.core.plugins.module_utils.drizzle import MigrationError, folder_from_content
 from ansible_collections.slipway.core.plugins.module_utils.oneline import one_line
 from ansible_collections.slipway.core.plugins.module_utils.pm2 import (
+    HANDOVER_SUFFIX,
     app_processes,
     daemon_pid,
     decide,
@@ -269,7 +245,7 @@ class Pm2Read(object):
     def __init__(self, app_dir, app_name, release, pm2_home, pm2_bin):
         self.app_dir, self.app_name, self.release, self.pm2_home = app_dir, app_name, release, pm2_home
         self.out = {"error": None, "daemon_running": False, "processes": [], "outside": [], "action": None,
-                    "reason": None, "modes_to_fix": []}
+                    "reason": None, "modes_to_fix": [], "handover_left": 0, "env_releases": []}
         self.procs = []
         self.proc = None
         if not app_name:
@@ -302,6 +278,8 @@ class Pm2Read(object):
             mine = app_processes(self.procs, self.app_name)
             out["processes"] = instance_facts(mine)
             out["outside"] = outside(self.procs, self.app_name, self.app_dir)
+            out["handover_left"] = len(app_processes(self.procs, self.app_name + HANDOVER_SUFFIX))
+            out["env_releases"] = sorted(set(str(x["env_release"]) for x in mine if x.get("env_release")))
             if self.release:
                 out["action"], out["reason"] = decide(mine, layout.current_link(self.app_dir), self.release, "auto")
         return out, self.procs
@@ -318,14 +296,11 @@ def rescue_release(current, procs, app_name, records):
     return good[-1] if good else None
 
 
-def env_state(app_dir, env):
+def env_state(app_dir, text):
+    """Whether ``shared/.env`` would change to ``text`` (None: it is the app's own), and the keys it
+    would lose."""
     out = {"changed": False, "removed": [], "error": None}
-    if env is None:
-        return out
-    try:
-        text = env_text(env)
-    except ValueError as exc:
-        out["error"] = str(exc)
+    if text is None:
         return out
     try:
         with open(layout.join(layout.shared_dir(app_dir), layout.ENV_FILE)) as handle:
@@ -349,17 +324,16 @@ def plan_migrations(p, secrets, guard):
                          "reinstalled when incomplete)" % " and ".join(missing)}, None
     from ansible_collections.slipway.core.plugins.module_utils import backup as bk
 
-    conn, tmpdir, space = None, None, None
+    conn, space = None, None
     try:
         guard.start()
-        tmpdir = tempfile.mkdtemp(prefix="slipway-migrations-")
-        folder = read_folder(write_folder(tmpdir, p["migrations_content"] or {}))
-        conn = engine.connect(None, connect_timeout=p["connect_timeout"], **pg.connect_params(p, None))
-        eng = engine.Engine(
-            conn, folder, include_skipped=p["include_skipped"], allow_tampered=p["allow_tampered"],
-            allow_unknown=p["allow_unknown"], lock_timeout=p["lock_timeout"], mode=p["mode"],
-            min_rows=p["online_min_rows"], online_lock_timeout=p["online_lock_timeout"], fence=None)
-        plan = eng.check(rehearse=p["rehearse"])
+        with folder_from_content(p["migrations_content"] or {}) as folder:
+            conn = engine.connect(None, connect_timeout=p["connect_timeout"], **pg.connect_params(p, None))
+            eng = engine.Engine(
+                conn, folder, include_skipped=p["include_skipped"], allow_tampered=p["allow_tampered"],
+                allow_unknown=p["allow_unknown"], lock_timeout=p["lock_timeout"], mode=p["mode"],
+                min_rows=p["online_min_rows"], online_lock_timeout=p["online_lock_timeout"], fence=None)
+            plan = eng.check(rehearse=p["rehearse"])
         applied = list(plan["to_apply"])
         if applied and p["backup_dir"]:
             conn.rollback()
@@ -380,8 +354,6 @@ def plan_migrations(p, secrets, guard):
         guard.finish()
         if conn is not None:
             conn.close()
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def noop_why(rid, release, pm2, env, takeover, plan):
@@ -395,6 +367,11 @@ def noop_why(rid, release, pm2, env, takeover, plan):
         why.append("PM2: %s" % (pm2["error"] or pm2["reason"]))
     if pm2["modes_to_fix"]:
         why.append("PM2_HOME is not private")
+    if pm2.get("handover_left"):
+        why.append("PM2 still runs the handover app of an interrupted takeover")
+    wrong = [r for r in pm2.get("env_releases") or [] if r != rid]
+    if wrong:
+        why.append("an instance was started with RELEASE_ID %s" % ", ".join(wrong))
     if env["changed"] or env["error"]:
         why.append("shared/.env changes")
     if takeover:
@@ -412,13 +389,14 @@ def main():
             app_dir=dict(type="path", required=True),
             runtimes=dict(type="dict", default={}),
             run_id=dict(type="str", default=""),
+            require_lock=dict(type="bool", default=True),
             tools=dict(type="list", elements="str", default=[]),
             node=dict(type="bool", default=False),
             release=dict(type="str"),
             app_name=dict(type="str"),
             pm2_home=dict(type="path"),
             pm2_bin=dict(type="str", default="pm2"),
-            env=dict(type="dict", no_log=True),
+            env_content=dict(type="str", no_log=True),
             plan=dict(type="bool", default=False),
             migrations_content=dict(type="dict"),
             rehearse=dict(type="bool", default=True),
@@ -450,14 +428,16 @@ def main():
     result = dict(changed=False, runtime=found, lock=lock, tools_missing=which(p["tools"]), node_version=None)
     current = current_release(app_dir)
     result["release"] = {"installed": bool(rid) and installed(layout.releases_dir(app_dir), rid), "current": current}
-    result["env"] = env_state(app_dir, p["env"])
+    result["env"] = env_state(app_dir, p["env_content"])
     plan, space = None, None
     if not p["plan"]:
         reason = "not asked"
     elif not found["installed"]:
         reason = "the module runtime is not installed yet"
-    elif p["run_id"] and not lock["ours"]:
+    elif p["require_lock"] and not lock["ours"]:
         reason = "the deploy lock is not this run's"
+    elif result["tools_missing"]:
+        reason = "%s not found" % ", ".join(result["tools_missing"])
     else:
         reason = None
         guard = runguard.Guard(p["run_id"], layout.state_dir(app_dir))

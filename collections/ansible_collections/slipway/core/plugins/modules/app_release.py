@@ -54,7 +54,14 @@ options:
       - The app's environment, written to C(shared/.env) (mode 0600, atomically, only while the deploy
         run holds its lock) when it differs from the file; one C(KEY=VALUE) line per key, a value that
         is not plain double-quoted. Omitted - the file is left as it is. Never returned or logged.
+      - Ansible masks every value of this mapping wherever it occurs in the result (a value C(1) in a
+        release id too); the deploy passes I(env_content) instead.
     type: dict
+  env_content:
+    description:
+      - The text C(shared/.env) must hold, as the filter C(slipway.core.env_file_text) makes it from such a
+        mapping; written as I(env) is. Only this whole text is masked in the result. Not with I(env).
+    type: str
   restore_env:
     description:
       - Put back C(shared/.env) as it was before the last change I(env) made (kept as
@@ -313,9 +320,11 @@ def main():
             keep=dict(type="int", default=5),
             state=dict(type="str", default="present", choices=["present", "switched"]),
             env=dict(type="dict", no_log=True),
+            env_content=dict(type="str", no_log=True),
             restore_env=dict(type="bool", default=False),
             adopt_from=dict(type="path"),
         ),
+        mutually_exclusive=[("env", "env_content")],
         supports_check_mode=True,
     )
     p = module.params
@@ -333,9 +342,10 @@ def main():
     result = dict(changed=False, release=rid, previous=previous, installed=False, switched=False, pruned=[],
                   env_changed=False, env_restored=False, env_removed=[])
     env_path = os.path.join(app_dir, layout.SHARED_DIR, layout.ENV_FILE)
-    if p["env"] is not None:
+    wanted = p["env"] is not None or p["env_content"] is not None
+    if wanted:
         try:
-            text = env_text(p["env"])
+            text = env_text(p["env"]) if p["env"] is not None else p["env_content"]
         except ValueError as exc:
             module.fail_json(msg=str(exc), **result)
         try:
@@ -348,7 +358,7 @@ def main():
     adopt_env, adopt_logs = None, []
     if p["adopt_from"]:
         try:
-            adopt_env, adopt_logs = adoption(p["adopt_from"], app_dir, env_path, p["env"] is None)
+            adopt_env, adopt_logs = adoption(p["adopt_from"], app_dir, env_path, not wanted)
         except (ValueError, OSError) as exc:
             module.fail_json(msg="taking over %s: %s" % (p["adopt_from"], exc), **result)
         result["adopted"] = {"from": p["adopt_from"], "env": adopt_env is not None,

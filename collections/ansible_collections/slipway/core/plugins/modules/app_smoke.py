@@ -81,6 +81,11 @@ options:
     description: Path of the health endpoint.
     type: str
     default: /api/health
+  health_repeat:
+    description: How many times the health check asks; every answer must pass (twice the app's instances
+      reaches each instance behind PM2's round robin, as a deploy that reloads nothing does).
+    type: int
+    default: 1
   expect_release:
     description: When set, the health endpoint's C(release) must equal it.
     type: str
@@ -304,7 +309,17 @@ class Smoke(object):
     # Each case returns its verdict, (ok, expected, got), which run() records.
     def case_health(self):
         """The health status; the reference app's ``status = ok`` with its track-view cases; the
-        release, when one is expected and the app names one (or is the reference app)."""
+        release, when one is expected and the app names one (or is the reference app). Asked
+        ``health_repeat`` times: each answer must pass (PM2 hands requests to its instances in
+        turn, so each one answers)."""
+        verdict = None
+        for _ in range(max(1, self.p["health_repeat"])):
+            verdict = self.health_once()
+            if not verdict[0]:
+                return verdict
+        return verdict
+
+    def health_once(self):
         want = self.p["health_status"]
         status, doc, text = self.http("GET", self.p["health_path"], auth=False)
         expected, got = ["HTTP %d" % want], ["HTTP %s" % status]
@@ -458,6 +473,7 @@ def main():
             health_path=dict(type="str", default="/api/health"),
             health_status=dict(type="int", default=200),
             expect_release=dict(type="str"),
+            health_repeat=dict(type="int", default=1),
             extra_checks=dict(
                 type="list", elements="dict", default=[],
                 options=dict(

@@ -23,6 +23,7 @@ description:
   - Read-only. What it returns is redacted on the host - no passwords, tokens or query parameters.
 extends_documentation_fragment:
   - slipway.core.postgres
+  - slipway.core.migrations
 options:
   app_dir:
     description: The app directory (releases, current, shared/.env, .slipway).
@@ -43,14 +44,6 @@ options:
   migrations:
     description: The migrations folder inside the release; default - as pg_drift finds it.
     type: str
-  tracking_schema:
-    description: Schema of drizzle's tracking table.
-    type: str
-    default: drizzle
-  tracking_table:
-    description: drizzle's tracking table.
-    type: str
-    default: __drizzle_migrations
   backup_dir:
     description: The backup directory whose manifest lists the verified backups.
     type: path

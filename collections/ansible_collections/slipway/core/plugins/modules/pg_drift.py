@@ -24,6 +24,7 @@ description:
   - Read-only on the live database; the shadow database is created and dropped again.
 extends_documentation_fragment:
   - slipway.core.postgres
+  - slipway.core.migrations
 options:
   app_dir:
     description: The app directory; the migrations are read from the release C(current) points at.
@@ -33,14 +34,6 @@ options:
     description: The migrations folder inside the release; default - the one the host's last successful
       deploy of that release recorded (its slipway.yml), else C(drizzle), else C(migrations).
     type: str
-  tracking_schema:
-    description: Schema of drizzle's tracking table.
-    type: str
-    default: drizzle
-  tracking_table:
-    description: drizzle's tracking table.
-    type: str
-    default: __drizzle_migrations
   shadow:
     description: C(auto) builds the expected schema on the same server when it can; C(none) never.
     type: str

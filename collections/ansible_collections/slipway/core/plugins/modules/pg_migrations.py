@@ -51,56 +51,17 @@ options:
   dsn:
     description: A libpq connection string or URL; combined with the I(login_*) options.
     type: str
-  tracking_schema:
-    description: Schema of the tracking table (drizzle's C(migrationsSchema)).
-    type: str
-    default: drizzle
-  tracking_table:
-    description: Tracking table (drizzle's C(migrationsTable)).
-    type: str
-    default: __drizzle_migrations
-  include_skipped:
-    description: Apply skipped migrations too, in journal order; without it their presence fails the task.
-    type: bool
-    default: false
-  allow_tampered:
-    description: Accept files edited after they were applied (treated as applied); without it they fail the task.
-    type: bool
-    default: false
-  allow_unknown:
-    description: Accept tracking rows that match no file; without it they fail the task.
-    type: bool
-    default: false
-  rehearse:
-    description: In check mode, rehearse the pending set in a transaction that is rolled back.
-    type: bool
-    default: true
-  lock_timeout:
-    description: PostgreSQL C(lock_timeout) for the rehearsal and the apply (a busy table fails fast instead of queueing the app behind a lock).
-    type: str
-    default: 5s
   lock_wait:
     description: Seconds to wait for another slipway migration of the same database to finish.
     type: float
     default: 10
-  mode:
-    description: C(online) (lock-safe index builds, short lock timeouts with retries) or C(transaction) (drizzle's one transaction).
-    type: str
-    choices: [online, transaction]
-    default: online
-  online_min_rows:
-    description: In online mode, tables with fewer rows (planner estimate) get their indexes built in the transaction.
-    type: int
-    default: 10000
-  online_lock_timeout:
-    description: In online mode, the C(lock_timeout) of each transaction; a lock not granted in time rolls it back and retries.
-    type: str
-    default: 20ms
 requirements:
   - psycopg >= 3.1
   - pglast >= 6
 extends_documentation_fragment:
   - slipway.core.postgres
+  - slipway.core.migrations
+  - slipway.core.migrations.plan
 author:
   - slipway developers
 notes:

@@ -250,6 +250,7 @@ from ansible_collections.slipway.core.plugins.module_utils import layout, rungua
 from ansible_collections.slipway.core.plugins.module_utils.http_client import HttpClient
 from ansible_collections.slipway.core.plugins.module_utils.oneline import one_line, strip_ansi
 from ansible_collections.slipway.core.plugins.module_utils.pm2 import (
+    HANDOVER_SUFFIX,
     app_error_line,
     app_processes,
     app_summary,
@@ -268,7 +269,6 @@ _IN_PROGRESS = "already in progress"
 
 # action=replaced: the second PM2 app that serves while the app's processes are replaced, and the
 # process file that starts it (the release's own ecosystem file, its app renamed).
-HANDOVER_SUFFIX = "~slipway-handover"
 HANDOVER_CONFIG = "handover.config.cjs"
 HANDOVER_JS = """'use strict';
 // written by slipway's pm2_app for one handover (action=replaced), removed once PM2 started it
