@@ -173,8 +173,8 @@ def test_second_deploy_changes_nothing_and_passes_smoke(hosts):
 
 def test_noop_deploy_still_refuses_a_wrong_lock_plan_or_health(hosts):
     """A deploy that can change nothing still proves the host: a lock held elsewhere, a plan that
-    would be refused (an applied migration edited since) or an app instance that does not answer its
-    health check each fail it - exit 4 or 1 - and nothing changes. (The lock's own check in preflight,
+    would be refused (an applied migration edited since) or an app that does not answer its health
+    check each fail it - exit 4 or 1 - and nothing changes. (The lock's own check in preflight,
     a lock held by another run id, is Molecule's preflight scenario.)"""
     import fcntl
     import signal
@@ -199,8 +199,13 @@ def test_noop_deploy_still_refuses_a_wrong_lock_plan_or_health(hosts):
 
     # the plan: the newest applied migration's tracking row no longer matches its file (tampered)
     (row_id, digest), = db(env, "SELECT id, hash FROM drizzle.__drizzle_migrations ORDER BY id DESC LIMIT 1")
-    db(env, "UPDATE drizzle.__drizzle_migrations SET hash = %s WHERE id = %s", ("0" * 64, row_id))
+
+    def set_hash(value):
+        with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
+            conn.execute("UPDATE drizzle.__drizzle_migrations SET hash = %s WHERE id = %s", (value, row_id))
+
     try:
+        set_hash("0" * 64)
         lines_before = len(records.read_text().splitlines())
         proc, report = deploy("--host", "sandbox", expect=1)
         info = report["hosts"]["sandbox"]
@@ -208,18 +213,18 @@ def test_noop_deploy_still_refuses_a_wrong_lock_plan_or_health(hosts):
         assert phase_names(report, "sandbox") == ["preflight"]
         assert len(records.read_text().splitlines()) == lines_before  # stopped before the deploy began
     finally:
-        db(env, "UPDATE drizzle.__drizzle_migrations SET hash = %s WHERE id = %s", (digest, row_id))
+        set_hash(digest)
     assert state() == before
 
-    # health: PM2 still shows every instance online on the release, but one of the two does not
-    # answer (the no-op asks the health check twice per instance: PM2 hands requests out in turn)
+    # health: PM2 still shows every instance online on the release, but none answers (stopped)
     pids = pm2_pids(host)
-    assert len(pids) == 2
-    os.kill(pids[0], signal.SIGSTOP)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
     try:
         proc, report = deploy("--host", "sandbox", expect=1)
     finally:
-        os.kill(pids[0], signal.SIGCONT)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
     info = report["hosts"]["sandbox"]
     assert info["noop"] is True and info["result"] == "failed", proc.stdout
     assert info["failure"]["phase"] == "smoke_test" and not info["rolled_back"], proc.stdout

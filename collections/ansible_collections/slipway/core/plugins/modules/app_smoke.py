@@ -82,8 +82,9 @@ options:
     type: str
     default: /api/health
   health_repeat:
-    description: How many times the health check asks; every answer must pass (twice the app's instances
-      reaches each instance behind PM2's round robin, as a deploy that reloads nothing does).
+    description: How many times the health check asks, each on a new connection; every answer must pass. PM2's
+      instances share the connections, so more answers come from more of them (a deploy that reloads nothing asks
+      twice per instance); it is no guarantee that each one answers.
     type: int
     default: 1
   expect_release:
@@ -310,8 +311,8 @@ class Smoke(object):
     def case_health(self):
         """The health status; the reference app's ``status = ok`` with its track-view cases; the
         release, when one is expected and the app names one (or is the reference app). Asked
-        ``health_repeat`` times: each answer must pass (PM2 hands requests to its instances in
-        turn, so each one answers)."""
+        ``health_repeat`` times, each on a new connection: each answer must pass (PM2's instances
+        share the connections, so more of them answer; not necessarily each)."""
         verdict = None
         for _ in range(max(1, self.p["health_repeat"])):
             verdict = self.health_once()
