@@ -415,8 +415,14 @@ def rollout_line(plan: dict) -> str:
 
 
 def add_rollout(report: dict, plan: dict) -> None:
-    """The batches in the report, each host's batch, and where a stopped rollout stopped."""
+    """The batches in the report, each host's batch, and where a stopped rollout stopped. When the
+    deploy could change nothing on any host (each a no-op), playbooks/deploy.yml ran them in one
+    batch: nothing reloads, each host only proves itself."""
+    if report["hosts"] and all(h.get("noop") for h in report["hosts"].values()):
+        plan = {**plan, "size": len(report["hosts"]), "batches": [list(report["hosts"])]}
     report["rollout"] = {k: plan[k] for k in ("serial", "max_fail_percentage", "size", "batches")}
+    report["rollout"]["one_batch_noop"] = len(plan["batches"]) == 1 and len(report["hosts"]) > 1 and \
+        all(h.get("noop") for h in report["hosts"].values())
     reached = 0
     for number, batch in enumerate(plan["batches"], 1):
         for name in batch:
@@ -443,6 +449,8 @@ def render_report(report: dict, lints: dict | None = None) -> list[str]:
     if report["check"]:
         lines += ["", *_check_lines(report, lints or {})]
     unchanged = [n for n, h in report["hosts"].items() if h.get("noop") and h["result"] == "ok" and not report["check"]]
+    if (report.get("rollout") or {}).get("one_batch_noop"):
+        lines.append("\nall hosts in one batch: the deploy could change nothing on any of them (no reload)")
     if unchanged:
         lines.append(f"\nnothing to change on {', '.join(unchanged)}: {release_id} already serves there and nothing is "
                      f"pending; {'its' if len(unchanged) == 1 else 'their'} lock, plan, health and smoke tests were checked")
@@ -496,6 +504,7 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
         print(line, file=out, flush=True)
     tracker = PhaseTracker(out)
     extravars = {**deploy_extravars(run_id, built, runtimes), "slipway_rollout_serial": plan["serial"],
+                 "slipway_rollout_hosts": list(hosts),
                  "slipway_rollout_max_fail_percentage": plan["max_fail_percentage"]}
     if len(hosts) > 1:
         print(rollout_line(plan), file=out, flush=True)

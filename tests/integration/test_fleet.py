@@ -94,6 +94,16 @@ def test_batches_deploy_one_after_the_other(fleet, tmp_path):
         assert not pending(fleet, name)
 
 
+def test_a_noop_on_every_host_runs_in_one_batch(fleet, tmp_path):
+    report, out = deploy(tmp_path, expect=0)
+    assert all(report["hosts"][n]["noop"] for n in NAMES) and report["changed"] == 0
+    assert report["rollout"]["batches"] == [NAMES] and report["rollout"]["one_batch_noop"] is True
+    assert "all hosts in one batch: the deploy could change nothing on any of them" in out
+    run_id = report["run_id"]
+    assert sorted(n for n in NAMES for r in records(fleet, n) if r["run_id"] == run_id and r["noop"]) == sorted(NAMES)
+    assert [report["hosts"][n]["batch"] for n in NAMES] == [1, 1, 1, 1]
+
+
 def test_a_bad_serial_is_one_line_before_anything_changes(fleet, tmp_path):
     with sandbox_instance(INSTANCE) as sb:
         group_vars = sb.Controller().inventory_dir / "group_vars" / "sandboxes.yml"
