@@ -251,15 +251,38 @@ def probe_python(host: str, conn, hv=None) -> HostPython:
 def probe_pythons(hosts: list[str]) -> tuple[dict, dict]:
     """({host: HostPython}, {host: open connection}) for each of ``hosts``, in sorted order. The
     connections are for ``lock_hosts(..., conns=)`` to take over (one SSH connection per host for
-    the probe and the lock); on an error the ones opened are closed."""
-    found, conns = {}, {}
-    try:
-        for host in sorted(set(hosts)):
-            conns[host] = connect(host)
-            found[host] = probe_python(host, conns[host])
-    except BaseException:
+    the probe and the lock); on an error the ones opened are closed and the first failing host's
+    error (in sorted order) is raised. The hosts are connected to and probed side by side; their
+    inventory is read first, one after another (Ansible's loaders are not thread-safe)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = sorted(set(hosts))
+    settings = {}
+    for host in names:
+        hv = host_vars(host)
+        settings[host] = (ssh_params(host), python_probe_command(*module_interpreter(host, hv)))
+
+    def probe(host):
+        params, command = settings[host]
+        conn = connect(host, params)
+        try:
+            result = run(conn, command)
+            return conn, parse_python_probe(host, result.stdout, result.stderr, result.exited)
+        except BaseException:
+            conn.close()
+            raise
+
+    found, conns, errors = {}, {}, []
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:
+        futures = [(host, pool.submit(probe, host)) for host in names]
+        for host, future in futures:
+            try:
+                conns[host], found[host] = future.result()
+            except BaseException as exc:  # noqa: BLE001 - raised below, after every connection is accounted for
+                errors.append(exc)
+    if errors:
         close_all(conns)
-        raise
+        raise errors[0]
     return found, conns
 
 
