@@ -97,10 +97,12 @@ def rollout(hosts: list[str]) -> dict:
     one host)."""
     from .inventory import host_vars
 
-    seen = {}
+    seen, databases = {}, set()
     for name in hosts:
         hv = host_vars(name)
         seen[name] = (str(hv.render("slipway_serial", 1)).strip(), str(hv.render("slipway_max_fail_percentage", 0)).strip())
+        databases.add((str(hv.render("slipway_db_host", "")), str(hv.render("slipway_db_port", 5432)),
+                       str(hv.render("slipway_db_name", ""))))
     values = set(seen.values())
     if len(values) > 1:
         detail = "; ".join(f"{n}: {v[0]}, {v[1]}" for n, v in sorted(seen.items()))
@@ -116,8 +118,10 @@ def rollout(hosts: list[str]) -> dict:
                            "slipway_max_fail_percentage: 0 in the inventory")
     size = int(m.group(1)) if m.group(1) else max(1, int(len(hosts) * int(m.group(2)) / 100))
     batches = [hosts[i:i + size] for i in range(0, len(hosts), size)]
+    # a no-op on every host may run them in one batch - not when two share a database: their smoke
+    # tests reset and count the same smoke book's rows
     return {"serial": int(serial) if m.group(1) else serial, "max_fail_percentage": int(max_fail), "size": size,
-            "batches": batches}
+            "batches": batches, "noop_together": len(databases) == len(hosts)}
 
 
 def new_run_id() -> str:
@@ -397,6 +401,7 @@ def build_report(host: str, hosts: list[str], run_id: str, release_id: str, sour
             "handover": info.get("handover") or None,
             # preflight found nothing this deploy could change there: only its health and smoke tests ran
             "noop": _truthy(info.get("noop")),
+            "batch_hosts": info.get("batch_hosts") or None,
         }
         if cut is not None:
             report["hosts"][name]["interrupted"] = {
@@ -410,19 +415,25 @@ def build_report(host: str, hosts: list[str], run_id: str, release_id: str, sour
 
 def rollout_line(plan: dict) -> str:
     batches = "; ".join(f"{i}: {', '.join(b)}" for i, b in enumerate(plan["batches"], 1))
+    together = ("; all in one batch if preflight finds nothing to change on any of them"
+                if plan.get("noop_together") and len(plan["batches"]) > 1 else "")
     return (f"rollout: {len(plan['batches'])} batch(es) of up to {plan['size']} (slipway_serial {plan['serial']}, "
-            f"slipway_max_fail_percentage {plan['max_fail_percentage']}) - {batches}")
+            f"slipway_max_fail_percentage {plan['max_fail_percentage']}) - {batches}{together}")
 
 
 def add_rollout(report: dict, plan: dict) -> None:
     """The batches in the report, each host's batch, and where a stopped rollout stopped. When the
     deploy could change nothing on any host (each a no-op), playbooks/deploy.yml ran them in one
     batch: nothing reloads, each host only proves itself."""
-    if report["hosts"] and all(h.get("noop") for h in report["hosts"].values()):
-        plan = {**plan, "size": len(report["hosts"]), "batches": [list(report["hosts"])]}
+    # the batch each host ran in, as the play saw it (ansible_play_batch): larger than the plan's
+    # only when every host was a no-op and the play ran them all at once
+    ran = [h.get("batch_hosts") for h in report["hosts"].values() if h.get("batch_hosts")]
+    together = bool(ran) and max(len(b) for b in ran) > plan["size"]
+    if together:
+        widest = max(ran, key=len)
+        plan = {**plan, "size": len(widest), "batches": [list(widest)]}
     report["rollout"] = {k: plan[k] for k in ("serial", "max_fail_percentage", "size", "batches")}
-    report["rollout"]["one_batch_noop"] = len(plan["batches"]) == 1 and len(report["hosts"]) > 1 and \
-        all(h.get("noop") for h in report["hosts"].values())
+    report["rollout"]["one_batch_noop"] = together
     reached = 0
     for number, batch in enumerate(plan["batches"], 1):
         for name in batch:
@@ -504,7 +515,7 @@ def deploy(host: str, release: str | None = None, check: bool = False, report_pa
         print(line, file=out, flush=True)
     tracker = PhaseTracker(out)
     extravars = {**deploy_extravars(run_id, built, runtimes), "slipway_rollout_serial": plan["serial"],
-                 "slipway_rollout_hosts": list(hosts),
+                 "slipway_rollout_hosts": list(hosts) if plan["noop_together"] else [],
                  "slipway_rollout_max_fail_percentage": plan["max_fail_percentage"]}
     if len(hosts) > 1:
         print(rollout_line(plan), file=out, flush=True)

@@ -248,6 +248,9 @@ def probe_python(host: str, conn, hv=None) -> HostPython:
     return parse_python_probe(host, result.stdout, result.stderr, result.exited)
 
 
+PROBE_SECONDS = 30  # a host that takes longer to say which Python it runs fails the probe
+
+
 def probe_pythons(hosts: list[str]) -> tuple[dict, dict]:
     """({host: HostPython}, {host: open connection}) for each of ``hosts``, in sorted order. The
     connections are for ``lock_hosts(..., conns=)`` to take over (one SSH connection per host for
@@ -266,20 +269,31 @@ def probe_pythons(hosts: list[str]) -> tuple[dict, dict]:
         params, command = settings[host]
         conn = connect(host, params)
         try:
-            result = run(conn, command)
+            result = run(conn, command, timeout=PROBE_SECONDS)
             return conn, parse_python_probe(host, result.stdout, result.stderr, result.exited)
         except BaseException:
             conn.close()
             raise
 
     found, conns, errors = {}, {}, []
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:
-        futures = [(host, pool.submit(probe, host)) for host in names]
+    pool = ThreadPoolExecutor(max_workers=min(8, max(1, len(names))))
+    futures = [(host, pool.submit(probe, host)) for host in names]
+    try:
         for host, future in futures:
             try:
                 conns[host], found[host] = future.result()
-            except BaseException as exc:  # noqa: BLE001 - raised below, after every connection is accounted for
+            except Exception as exc:  # noqa: BLE001 - raised below, after every connection is accounted for
                 errors.append(exc)
+    except BaseException:
+        # interrupted (Ctrl-C): the probes under way end (each bounded by its timeouts), then every
+        # connection they opened is closed
+        pool.shutdown(wait=True, cancel_futures=True)
+        close_all(conns)
+        for _, future in futures:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result()[0].close()
+        raise
+    pool.shutdown(wait=True)
     if errors:
         close_all(conns)
         raise errors[0]

@@ -151,7 +151,6 @@ def print_failures(result: dict, stream=None) -> None:
         print(f"{failure['host']:<14} FAILED     {where}{failure['msg']}", file=stream or sys.stdout)
 
 
-PROBE_SECONDS = 30  # a host that takes longer to say which Python it runs is that host's failure
 
 
 def run_read_only(playbook: str, hosts: list[str], extravars: dict, key: str) -> tuple[dict, dict]:
@@ -163,7 +162,7 @@ def run_read_only(playbook: str, hosts: list[str], extravars: dict, key: str) ->
 
     from . import runtime as rt
     from .inventory import host_vars
-    from .remote import connect, module_interpreter, parse_python_probe, python_probe_command, run, ssh_params
+    from .remote import PROBE_SECONDS, connect, module_interpreter, parse_python_probe, python_probe_command, run, ssh_params
 
     def said(exc: BaseException) -> str:
         text = str(exc).strip()

@@ -148,3 +148,25 @@ def test_the_rescue_roles_tasks_and_what_it_includes_count_as_the_rescue_phase()
     assert phases["app_release"]["changed"] == 1 and phases["pm2_app"]["status"] == "failed"
     assert phases["rescue"]["tasks"] == 3 and phases["rescue"]["changed"] == 2
     assert tracker.last_phase(HOST) == "pm2_app"
+
+
+def test_the_report_shows_the_batches_the_play_ran():
+    from slipway.deploy import add_rollout, rollout_line
+
+    plan = {"serial": 1, "max_fail_percentage": 0, "size": 1, "batches": [["a"], ["b"], ["c"]], "noop_together": True}
+    assert rollout_line(plan).endswith("all in one batch if preflight finds nothing to change on any of them")
+    assert "one batch if" not in rollout_line({**plan, "noop_together": False})
+
+    def report(*hosts):
+        return {"result": "ok", "hosts": {n: dict(h, result="ok") for n, h in zip("abc", hosts, strict=True)}}
+
+    # every host a no-op, and the play ran them together (ansible_play_batch): one batch, even when a
+    # host's own entry is missing its batch (cut short)
+    together = report({"noop": True, "batch_hosts": ["a", "b", "c"]}, {"noop": True, "batch_hosts": ["a", "b", "c"]}, {})
+    add_rollout(together, plan)
+    assert together["rollout"]["batches"] == [["a", "b", "c"]] and together["rollout"]["one_batch_noop"] is True
+    assert [together["hosts"][n]["batch"] for n in "abc"] == [1, 1, 1]
+    # the play's batches as planned (a host changed something, or two hosts share a database)
+    apart = report(*({"noop": True, "batch_hosts": [n]} for n in "abc"))
+    add_rollout(apart, plan)
+    assert apart["rollout"]["batches"] == [["a"], ["b"], ["c"]] and apart["rollout"]["one_batch_noop"] is False
