@@ -240,30 +240,21 @@ def parse_python_probe(host: str, stdout: str, stderr: str, exited: int) -> Host
                       glibc=libc.split()[-1] if libc.startswith("glibc ") else None)
 
 
-def probe_python(host: str, conn, hv=None) -> HostPython:
-    """``host``'s module Python (version, implementation, architecture, glibc): one command on
-    the open connection ``conn``."""
-    command, fallback = module_interpreter(host, hv)
-    result = run(conn, python_probe_command(command, fallback))
-    return parse_python_probe(host, result.stdout, result.stderr, result.exited)
-
-
 PROBE_SECONDS = 30  # a host that takes longer to say which Python it runs fails the probe
 
 
-def probe_pythons(hosts: list[str]) -> tuple[dict, dict]:
-    """({host: HostPython}, {host: open connection}) for each of ``hosts``, in sorted order. The
-    connections are for ``lock_hosts(..., conns=)`` to take over (one SSH connection per host for
-    the probe and the lock); on an error the ones opened are closed and the first failing host's
-    error (in sorted order) is raised. The hosts are connected to and probed side by side; their
-    inventory is read first, one after another (Ansible's loaders are not thread-safe)."""
-    from concurrent.futures import ThreadPoolExecutor
+def probe_settings(host: str) -> tuple[dict, str]:
+    """(ssh settings, probe command) of inventory host ``host``: read from the inventory, so on
+    one thread only (Ansible's loaders and templating are not thread-safe)."""
+    return ssh_params(host), python_probe_command(*module_interpreter(host, host_vars(host)))
 
-    names = sorted(set(hosts))
-    settings = {}
-    for host in names:
-        hv = host_vars(host)
-        settings[host] = (ssh_params(host), python_probe_command(*module_interpreter(host, hv)))
+
+def probe_each(settings: dict) -> dict:
+    """Each host of ``settings`` ({host: probe_settings(host)}) connected to and probed side by
+    side: {host: (open connection, HostPython), or the exception that host raised}. Interrupted
+    (Ctrl-C), the probes under way end (each bounded by its timeouts) and every connection they
+    opened is closed before the interrupt goes on."""
+    from concurrent.futures import ThreadPoolExecutor
 
     def probe(host):
         params, command = settings[host]
@@ -275,25 +266,39 @@ def probe_pythons(hosts: list[str]) -> tuple[dict, dict]:
             conn.close()
             raise
 
-    found, conns, errors = {}, {}, []
-    pool = ThreadPoolExecutor(max_workers=min(8, max(1, len(names))))
-    futures = [(host, pool.submit(probe, host)) for host in names]
+    out: dict = {}
+    pool = ThreadPoolExecutor(max_workers=min(8, max(1, len(settings))))
+    futures = [(host, pool.submit(probe, host)) for host in settings]
     try:
         for host, future in futures:
             try:
-                conns[host], found[host] = future.result()
-            except Exception as exc:  # noqa: BLE001 - raised below, after every connection is accounted for
-                errors.append(exc)
+                out[host] = future.result()
+            except Exception as exc:  # noqa: BLE001 - that host's failure, for the caller to word
+                out[host] = exc
     except BaseException:
-        # interrupted (Ctrl-C): the probes under way end (each bounded by its timeouts), then every
-        # connection they opened is closed
         pool.shutdown(wait=True, cancel_futures=True)
-        close_all(conns)
         for _, future in futures:
             if future.done() and not future.cancelled() and future.exception() is None:
                 future.result()[0].close()
         raise
     pool.shutdown(wait=True)
+    return out
+
+
+def probe_pythons(hosts: list[str]) -> tuple[dict, dict]:
+    """({host: HostPython}, {host: open connection}) for each of ``hosts``, in sorted order. The
+    connections are for ``lock_hosts(..., conns=)`` to take over (one SSH connection per host for
+    the probe and the lock); on an error the ones opened are closed and the first failing host's
+    error (in sorted order) is raised. The hosts are probed side by side (probe_each), their
+    inventory read first, one after another."""
+    names = sorted(set(hosts))
+    results = probe_each({host: probe_settings(host) for host in names})
+    found, conns, errors = {}, {}, []
+    for host in names:
+        if isinstance(results[host], BaseException):
+            errors.append(results[host])
+        else:
+            conns[host], found[host] = results[host]
     if errors:
         close_all(conns)
         raise errors[0]

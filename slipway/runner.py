@@ -158,11 +158,8 @@ def run_read_only(playbook: str, hosts: list[str], extravars: dict, key: str) ->
     {host: why it could not be read}). Each host's module Python is probed on its own (in
     parallel), so one unreachable host is only that host's failure; the playbook then runs once
     for the hosts that answered, with the module runtime each needs."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from . import runtime as rt
-    from .inventory import host_vars
-    from .remote import PROBE_SECONDS, connect, module_interpreter, parse_python_probe, python_probe_command, run, ssh_params
+    from .remote import probe_each, probe_settings
 
     def said(exc: BaseException) -> str:
         text = str(exc).strip()
@@ -173,30 +170,17 @@ def run_read_only(playbook: str, hosts: list[str], extravars: dict, key: str) ->
     settings, failures = {}, {}
     for name in hosts:
         try:
-            hv = host_vars(name)
-            settings[name] = (ssh_params(name), python_probe_command(*module_interpreter(name, hv)))
+            settings[name] = probe_settings(name)
         except Exception as exc:  # noqa: BLE001 - a host's own inventory error: that host's failure
             failures[name] = said(exc)
 
-    def probe(name):
-        params, command = settings[name]
-        try:
-            conn = connect(name, params)
-            try:
-                result = run(conn, command, timeout=PROBE_SECONDS)
-                return name, parse_python_probe(name, result.stdout, result.stderr, result.exited), None
-            finally:
-                conn.close()
-        except Exception as exc:  # noqa: BLE001 - SSH's, the probe's, a time-out: one line for that host
-            return name, None, said(exc)
-
     pythons = {}
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(settings)))) as pool:
-        for name, found, why in pool.map(probe, list(settings)):
-            if why is None:
-                pythons[name] = found
-            else:
-                failures[name] = why
+    for name, got in probe_each(settings).items():
+        if isinstance(got, BaseException):  # SSH's, the probe's, a time-out: one line for that host
+            failures[name] = said(got)
+        else:
+            got[0].close()
+            pythons[name] = got[1]
     data = {}
     if pythons:
         runtimes = rt.runtimes(list(pythons.values()))
